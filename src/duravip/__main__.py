@@ -1,0 +1,3 @@
+from duravip.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,41 @@
+"""Configuration: stanza parser, cattrs structuring, validation."""
+
+from duravip.config.model import (
+    MAX_DURAVIPS,
+    PRESETS,
+    Binding,
+    BindingGroup,
+    ClusterConfig,
+    Config,
+    ControlConfig,
+    DeliveryConfig,
+    DuraVip,
+    HostPort,
+    Listener,
+    MetricsConfig,
+    SmtpLimits,
+    SourceLoc,
+    SpoolConfig,
+    Timers,
+    Topology,
+)
+
+__all__ = [
+    "MAX_DURAVIPS",
+    "PRESETS",
+    "Binding",
+    "BindingGroup",
+    "ClusterConfig",
+    "Config",
+    "ControlConfig",
+    "DeliveryConfig",
+    "DuraVip",
+    "HostPort",
+    "Listener",
+    "MetricsConfig",
+    "SmtpLimits",
+    "SourceLoc",
+    "SpoolConfig",
+    "Timers",
+    "Topology",
+]

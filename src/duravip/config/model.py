@@ -1,0 +1,271 @@
+"""The structured configuration: frozen attrs classes the runtime reads.
+
+The raw stanza tree (see :mod:`duravip.config.parser`) is converted into these
+classes by :mod:`duravip.config.structure` with cattrs; nothing outside the
+``config`` package ever sees the raw tree. Every class is frozen so a running
+daemon can swap a whole ``Config`` atomically on reload.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Literal
+
+from attrs import Factory, field, frozen
+
+Profile = Literal["lan", "fast", "wan"]
+Quorum = Literal["none", "majority"]
+
+#: The SPEC's hard limit of DuraVIPs per node (as in the reference product).
+MAX_DURAVIPS = 10_240
+
+
+@frozen(order=True)
+class HostPort:
+    """An IPv4 endpoint such as ``"10.1.0.11:4801"``."""
+
+    host: IPv4Address
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def as_tuple(self) -> tuple[str, int]:
+        return (str(self.host), self.port)
+
+
+@frozen
+class SourceLoc:
+    """Where a stanza or key was written, for ``file:line:col`` messages."""
+
+    file: str
+    line: int
+    col: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}"
+
+
+@frozen
+class Timers:
+    """SWIM / Lifeguard timers, in seconds unless noted.
+
+    A preset (``profile``) fills every field; each can be overridden in the
+    ``cluster`` stanza under the same name. See ``docs/membership.md``.
+    """
+
+    probe_interval: float
+    probe_timeout: float
+    indirect_checks: int
+    retransmit_mult: int
+    suspicion_mult: float
+    suspicion_max_timeout_mult: float
+    gossip_interval: float
+    gossip_nodes: int
+    push_pull_interval: float
+    awareness_max_multiplier: int
+    dead_node_reclaim_time: float
+    gossip_to_the_dead_time: float
+    mtu: int = 1400
+
+
+#: Timer presets. ``fast`` aims at ~250 ms crash detection on a LAN.
+PRESETS: Mapping[str, Timers] = {
+    "lan": Timers(
+        probe_interval=1.0,
+        probe_timeout=0.5,
+        indirect_checks=3,
+        retransmit_mult=4,
+        suspicion_mult=4.0,
+        suspicion_max_timeout_mult=6.0,
+        gossip_interval=0.2,
+        gossip_nodes=3,
+        push_pull_interval=30.0,
+        awareness_max_multiplier=8,
+        dead_node_reclaim_time=30.0,
+        gossip_to_the_dead_time=30.0,
+    ),
+    "fast": Timers(
+        probe_interval=0.1,
+        probe_timeout=0.05,
+        indirect_checks=3,
+        retransmit_mult=4,
+        suspicion_mult=1.0,
+        suspicion_max_timeout_mult=6.0,
+        gossip_interval=0.05,
+        gossip_nodes=3,
+        push_pull_interval=10.0,
+        awareness_max_multiplier=8,
+        dead_node_reclaim_time=5.0,
+        gossip_to_the_dead_time=10.0,
+    ),
+    "wan": Timers(
+        probe_interval=5.0,
+        probe_timeout=3.0,
+        indirect_checks=3,
+        retransmit_mult=4,
+        suspicion_mult=6.0,
+        suspicion_max_timeout_mult=6.0,
+        gossip_interval=0.5,
+        gossip_nodes=4,
+        push_pull_interval=60.0,
+        awareness_max_multiplier=8,
+        dead_node_reclaim_time=60.0,
+        gossip_to_the_dead_time=60.0,
+    ),
+}
+
+
+@frozen
+class Topology:
+    """DuraVIPs inside ``network`` are plumbed on ``interface`` with ``/cidrmask``."""
+
+    network: IPv4Network
+    interface: str
+    cidrmask: int = 32
+    loc: SourceLoc | None = field(default=None, eq=False)
+
+
+@frozen
+class ClusterConfig:
+    name: str
+    node_name: str
+    gossip_address: HostPort
+    peers: tuple[HostPort, ...] = ()
+    keyring: Path | None = None
+    profile: Profile = "lan"
+    timers: Timers = PRESETS["lan"]
+    arp_all_hosts: bool = True
+    unconditional_rebind: bool = True
+    view_mature_time: float = 2.0
+    quorum: Quorum = "none"
+    topology: tuple[Topology, ...] = ()
+    #: Gratuitous ARP: how many per IP after plumbing, and the spacing.
+    garp_count: int = 3
+    garp_interval: float = 0.2
+    #: How long an old holder lets SMTP sessions finish before it unplumbs.
+    drain_timeout: float = 2.0
+
+
+@frozen
+class Listener:
+    """One ``Listen "ip:port"`` inside ``ESMTP_Listener``."""
+
+    address: HostPort
+    enable_duravip: bool = False
+    duravip_follow: str | None = None
+    duravip_preference: str | None = None
+    loc: SourceLoc | None = field(default=None, eq=False)
+
+    @property
+    def is_duravip(self) -> bool:
+        return self.enable_duravip or self.duravip_follow is not None
+
+
+@frozen
+class Binding:
+    """A named outbound identity; mail for it leaves from ``bind_address``."""
+
+    name: str
+    bind_address: IPv4Address | None = None
+    enable_duravip: bool = False
+    duravip_preference: str | None = None
+    #: The ``Binding_Group`` this binding sits in, if any.
+    group: str | None = None
+    loc: SourceLoc | None = field(default=None, eq=False)
+
+
+@frozen
+class BindingGroup:
+    name: str
+    bindings: tuple[str, ...] = ()
+    loc: SourceLoc | None = field(default=None, eq=False)
+
+
+@frozen
+class SpoolConfig:
+    path: Path = Path("/var/spool/duravip")
+
+
+@frozen
+class ControlConfig:
+    path: Path = Path("/run/duravip/control.sock")
+    mode: int = 0o600
+
+
+@frozen
+class DeliveryConfig:
+    smarthost: HostPort | None = None
+    retry_base: float = 1.0
+    retry_max: float = 300.0
+    concurrency: int = 4
+
+
+@frozen
+class SmtpLimits:
+    max_message_size: int = 20 * 1024 * 1024
+    max_recipients: int = 100
+    max_line_length: int = 1000
+    max_errors: int = 10
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0
+
+
+@frozen
+class MetricsConfig:
+    listen: HostPort | None = None
+
+
+@frozen
+class Config:
+    cluster: ClusterConfig
+    use_iflist_cache: bool = False
+    spool: SpoolConfig = SpoolConfig()
+    control: ControlConfig = ControlConfig()
+    #: ``ECCluster_Listener``: the mmove endpoint (None: this node cannot receive moves).
+    cluster_listener: HostPort | None = None
+    delivery: DeliveryConfig = DeliveryConfig()
+    smtp: SmtpLimits = SmtpLimits()
+    metrics: MetricsConfig = MetricsConfig()
+    listeners: tuple[Listener, ...] = ()
+    #: Every binding, including those inside groups (``Binding.group`` says which).
+    bindings: tuple[Binding, ...] = ()
+    groups: tuple[BindingGroup, ...] = ()
+    source: str = "<string>"
+    duravips: Mapping[IPv4Address, DuraVip] = Factory(dict)
+    """Derived by the structurer: every DuraVIP IP with what runs on it."""
+
+    def binding(self, name: str) -> Binding | None:
+        for b in self.bindings:
+            if b.name.lower() == name.lower():
+                return b
+        return None
+
+    def topology_for(self, ip: IPv4Address) -> Topology | None:
+        """Longest-prefix match of ``ip`` against the Topology blocks."""
+        best: Topology | None = None
+        for t in self.cluster.topology:
+            if ip in t.network and (best is None or t.network.prefixlen > best.network.prefixlen):
+                best = t
+        return best
+
+
+@frozen
+class DuraVip:
+    """Everything this node's config says about one DuraVIP address.
+
+    This is what the node announces in its view for that IP (see
+    :class:`duravip.election.NodeView`).
+    """
+
+    ip: IPv4Address
+    #: Ports of ESMTP listeners on this IP (sorted).
+    listener_ports: tuple[int, ...] = ()
+    #: Name of the binding whose ``Bind_Address`` is this IP, if any.
+    binding: str | None = None
+    #: ``Duravip_Preference`` that applies to this IP, if any.
+    preference: str | None = None
+    #: For a ``Duravip_Follow`` listener IP: the binding name it follows.
+    follows: str | None = None
