@@ -1,0 +1,62 @@
+"""The plumbing contract: where an IP goes and what a plumber can do.
+
+Everything above the plumbing layer (worker, election actuator, tests) codes
+against :class:`Plumber`, so the netlink implementation and the in-memory fake
+are interchangeable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from ipaddress import IPv4Address
+from typing import Protocol
+
+import attrs
+
+from duravip.config.model import Topology
+
+
+@attrs.frozen(order=True)
+class Placement:
+    """Where an IP is plumbed: the Topology longest-prefix match decides."""
+
+    ip: IPv4Address
+    interface: str
+    prefixlen: int = 32
+
+
+def place(ip: IPv4Address, topology: Sequence[Topology]) -> Placement | None:
+    """Longest-prefix match of ``ip`` against the Topology blocks (None: no block)."""
+    best: Topology | None = None
+    for t in topology:
+        if ip in t.network and (best is None or t.network.prefixlen > best.network.prefixlen):
+            best = t
+    if best is None:
+        return None
+    return Placement(ip=ip, interface=best.interface, prefixlen=best.cidrmask)
+
+
+#: Per-IP outcome of a batch: None for success, else a human-readable error.
+Results = Mapping[IPv4Address, str | None]
+
+
+class Plumber(Protocol):
+    """Adds and removes addresses on interfaces and announces them."""
+
+    async def plumb(self, placements: Sequence[Placement]) -> Results:
+        """Add every placement; an address already there (EEXIST) is success."""
+        ...
+
+    async def unplumb(self, placements: Sequence[Placement]) -> Results:
+        """Remove every placement; an address already gone (EADDRNOTAVAIL) is success."""
+        ...
+
+    async def present(self, managed: Collection[IPv4Address]) -> frozenset[IPv4Address]:
+        """Which of ``managed`` are on some interface now."""
+        ...
+
+    async def announce(self, placements: Sequence[Placement], *, all_hosts: bool) -> None:
+        """Gratuitous ARP for the placements (broadcast, or unicast to known neighbours)."""
+        ...
+
+    async def aclose(self) -> None: ...
