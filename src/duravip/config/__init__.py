@@ -1,5 +1,7 @@
 """Configuration: stanza parser, cattrs structuring, validation."""
 
+from duravip.config.diagnostics import ConfigError, Diagnostic
+from duravip.config.loader import CheckResult, check, check_text, load, loads, to_jsonable
 from duravip.config.model import (
     MAX_DURAVIPS,
     PRESETS,
@@ -25,10 +27,13 @@ __all__ = [
     "PRESETS",
     "Binding",
     "BindingGroup",
+    "CheckResult",
     "ClusterConfig",
     "Config",
+    "ConfigError",
     "ControlConfig",
     "DeliveryConfig",
+    "Diagnostic",
     "DuraVip",
     "HostPort",
     "Listener",
@@ -38,4 +43,9 @@ __all__ = [
     "SpoolConfig",
     "Timers",
     "Topology",
+    "check",
+    "check_text",
+    "load",
+    "loads",
+    "to_jsonable",
 ]

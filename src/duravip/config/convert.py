@@ -119,8 +119,10 @@ def make_unstructure_converter() -> cattrs.Converter:
         return {str(k): conv.unstructure(v) for k, v in value.items()}
 
     conv.register_unstructure_hook_func(
-        lambda t: isinstance(t, type) and issubclass(t, Mapping)
-        or getattr(t, "__origin__", None) in (Mapping, dict),
+        lambda t: (
+            (isinstance(t, type) and issubclass(t, Mapping))
+            or getattr(t, "__origin__", None) in (Mapping, dict)
+        ),
         mapping,
     )
     return conv

@@ -89,7 +89,7 @@ _TOKEN_RE: Final = re.compile(
   | (?P<string>"(?:[^"\\\n]|\\.)*")
   | (?P<badstring>"[^\n]*)
   | (?P<punct>[{}()=])
-  | (?P<bare>[^\s{}()="\#;]+)
+  | (?P<bare>[^\s{}()="\#;\x00-\x1f\x7f]+)
   | (?P<other>.)
     """,
     re.VERBOSE,
@@ -164,7 +164,9 @@ class _Lexer:
             elif kind == "punct":
                 out.append((text, text, line, col))
             elif kind == "badstring":
-                raise self.error(line, col, "unterminated string", 'close it with " on the same line')
+                raise self.error(
+                    line, col, "unterminated string", 'close it with " on the same line'
+                )
             else:
                 raise self.error(
                     line, col, f"unexpected character {text!r}", "quote values with odd characters"
@@ -185,7 +187,9 @@ class _Parser:
         return SourceLoc(self.source, tok[2], tok[3])
 
     def fail(self, tok: _Token, expected: str, hint: str | None = None) -> ConfigError:
-        return self.lexer.error(tok[2], tok[3], f"expected {expected}, found {_describe(tok)}", hint)
+        return self.lexer.error(
+            tok[2], tok[3], f"expected {expected}, found {_describe(tok)}", hint
+        )
 
     def body(self, depth: int, opener: _Token | None) -> tuple[Node, ...]:
         items: list[Node] = []
@@ -222,7 +226,7 @@ class _Parser:
             self.pos += 1
             return Assign(name[1], self.value(name), self.loc(name))
         arg: Scalar | None = None
-        if kind == _STRING or kind == _BARE:
+        if kind in (_STRING, _BARE):
             self.pos += 1
             arg = self.scalar(tok)
             tok = toks[self.pos]
@@ -240,7 +244,7 @@ class _Parser:
     def value(self, key: _Token) -> Value:
         tok = self.toks[self.pos]
         kind = tok[0]
-        if kind == _STRING or kind == _BARE:
+        if kind in (_STRING, _BARE):
             self.pos += 1
             return self.scalar(tok)
         if kind == "(":

@@ -111,8 +111,15 @@ class Response:
     error: str = ""
 
     def to_line(self) -> bytes:
+        """Encode for the wire; data that JSON cannot hold becomes an error response."""
         obj = {"ok": self.ok, "text": self.text, "data": self.data, "error": self.error}
-        return json.dumps(obj, default=_jsonable, separators=(",", ":")).encode() + b"\n"
+        try:
+            return json.dumps(obj, default=_jsonable, separators=(",", ":")).encode() + b"\n"
+        except (TypeError, ValueError) as e:
+            log.error("control reply is not JSON-serialisable: %s", e)
+            err = {"ok": False, "text": "", "data": None,
+                   "error": f"internal error: reply is not JSON-serialisable: {e}"}
+            return json.dumps(err, separators=(",", ":")).encode() + b"\n"
 
     @classmethod
     def from_line(cls, line: bytes) -> Response:

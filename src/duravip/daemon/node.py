@@ -181,8 +181,8 @@ class Node:
                 await self._graceful_stop()
                 nursery.cancel_scope.cancel()
         except* KeyboardInterrupt:
-            log.info("interrupted")
-            return 130
+            log.info("interrupted before the signal handlers were up")
+            self.exit_code = 130
         return self.exit_code
 
     @staticmethod

@@ -24,6 +24,20 @@ def _ns_inode(path: str) -> int:
     return os.stat(path).st_ino
 
 
+#: The kernel's fixed inode number of the initial network namespace (PROC_NET_INIT_INO).
+INIT_NET_INODE = 0xEFFFFFF9
+
+
+def root_inode() -> int:
+    """Inode of the root namespace: PID 1's, else kthreadd's (kernel threads live in init_net)."""
+    for path in ("/proc/1/ns/net", "/proc/2/ns/net"):
+        try:
+            return _ns_inode(path)
+        except PermissionError:
+            continue
+    return INIT_NET_INODE
+
+
 def target_path(netns: str | None) -> str:
     if netns is None:
         return "/proc/thread-self/ns/net"
@@ -34,7 +48,7 @@ def check_netns(netns: str | None) -> None:
     """Refuse the root namespace when ``DURAVIP_REQUIRE_NETNS=1``."""
     if os.environ.get(REQUIRE_NETNS_ENV) != "1":
         return
-    if _ns_inode(target_path(netns)) == _ns_inode("/proc/1/ns/net"):
+    if _ns_inode(target_path(netns)) == root_inode():
         raise RootNamespaceError(
             f"{REQUIRE_NETNS_ENV}=1 and the plumber would run in the root network namespace"
         )

@@ -1,0 +1,264 @@
+"""Semantic checks of a structured :class:`Config` (SPEC section 2).
+
+Each rule is a small function yielding :class:`Diagnostic` objects, so one run
+reports every problem and each rule can be tested on its own.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterator
+from ipaddress import IPv4Address
+
+from duravip.config.diagnostics import Diagnostic
+from duravip.config.model import MAX_DURAVIPS, Binding, Config, SourceLoc
+from duravip.config.structure import Locs
+
+Rule = Callable[[Config, Locs], Iterator[Diagnostic]]
+
+
+def _err(loc: SourceLoc | None, msg: str, hint: str | None = None) -> Diagnostic:
+    return Diagnostic("error", loc, msg, hint)
+
+
+def _warn(loc: SourceLoc | None, msg: str, hint: str | None = None) -> Diagnostic:
+    return Diagnostic("warning", loc, msg, hint)
+
+
+def _declared_at(config: Config) -> dict[IPv4Address, SourceLoc | None]:
+    """For each DuraVIP, the first service (in file order) that makes it one."""
+    decl: list[tuple[tuple[int, int], IPv4Address, SourceLoc | None]] = []
+    for lst in config.listeners:
+        if lst.is_duravip:
+            decl.append((_order(lst.loc), lst.address.host, lst.loc))
+    for b in config.bindings:
+        if b.enable_duravip and b.bind_address is not None:
+            decl.append((_order(b.loc), b.bind_address, b.loc))
+    decl.sort(key=lambda d: d[0])
+    out: dict[IPv4Address, SourceLoc | None] = {}
+    for _, ip, loc in decl:
+        out.setdefault(ip, loc)
+    return out
+
+
+def _order(loc: SourceLoc | None) -> tuple[int, int]:
+    return (loc.line, loc.col) if loc is not None else (0, 0)
+
+
+def check_identity(config: Config, locs: Locs) -> Iterator[Diagnostic]:
+    c = config.cluster
+    if not c.name:
+        yield _err(locs.get(("cluster", "name")), "cluster name must not be empty")
+    if not c.node_name:
+        yield _err(locs.get(("cluster", "node_name")), "node_name must not be empty")
+
+
+def check_held_addresses(config: Config, locs: Locs) -> Iterator[Diagnostic]:
+    """A DuraVIP must never be an address the node holds outside DuraVIP control."""
+    held: dict[IPv4Address, str] = {}
+    for lst in config.listeners:
+        if not lst.is_duravip:
+            held.setdefault(lst.address.host, f"the address of plain listener {lst.address}")
+    if config.metrics.listen is not None:
+        held[config.metrics.listen.host] = "the metrics listen address"
+    if config.cluster_listener is not None:
+        held[config.cluster_listener.host] = "the ECCluster_Listener address"
+    held[config.cluster.gossip_address.host] = "the node's gossip (main) address"
+    decl = _declared_at(config)
+    for ip in config.duravips:
+        what = held.get(ip)
+        if what is not None:
+            yield _err(
+                decl.get(ip),
+                f"DuraVIP {ip} is {what}; the cluster would unplumb it",
+                "use a dedicated address for each DuraVIP",
+            )
+
+
+def check_topology(config: Config, locs: Locs) -> Iterator[Diagnostic]:
+    seen: dict[object, int] = {}
+    for i, t in enumerate(config.cluster.topology):
+        if t.network in seen:
+            yield _err(t.loc, f"Topology {t.network} given twice")
+        seen.setdefault(t.network, i)
+        mask_loc = locs.get(("topology", i, "cidrmask"), t.loc)
+        if not 0 <= t.cidrmask <= 32:
+            yield _err(mask_loc, f"cidrmask must be 0..32, got {t.cidrmask}")
+        elif t.cidrmask != 32:
+            yield _warn(
+                mask_loc,
+                f"cidrmask {t.cidrmask} in Topology {t.network}: DuraVIPs should be /32",
+                "a shorter mask adds a subnet route that moves with the address",
+            )
+        if not t.interface:
+            yield _err(locs.get(("topology", i, "interface"), t.loc), "interface must not be empty")
+    decl = _declared_at(config)
+    for ip in config.duravips:
+        if config.topology_for(ip) is None:
+            yield _err(
+                decl.get(ip),
+                f"no Topology block covers DuraVIP {ip}",
+                f'add Topology "<network containing {ip}>" {{ interface = "..." }} in cluster',
+            )
+
+
+def check_count(config: Config, locs: Locs) -> Iterator[Diagnostic]:
+    n = len(config.duravips)
+    if n > MAX_DURAVIPS:
+        ordered = sorted(_declared_at(config).values(), key=_order)
+        loc = ordered[MAX_DURAVIPS] if len(ordered) > MAX_DURAVIPS else None
+        yield _err(loc, f"{n} DuraVIPs configured; at most {MAX_DURAVIPS} are supported")
+
+
+def check_listeners(config: Config, locs: Locs) -> Iterator[Diagnostic]:
+    seen: dict[object, SourceLoc | None] = {}
+    by_name: dict[str, Binding] = {}
+    for b in config.bindings:
+        by_name.setdefault(b.name.lower(), b)
+    follow_at: dict[IPv4Address, tuple[str, SourceLoc | None]] = {}
+    independent = {ip for ip, d in config.duravips.items() if d.binding is not None}
+    for i, lst in enumerate(config.listeners):
+        if lst.address in seen:
+            first = seen[lst.address]
+            where = f" (first at line {first.line} col {first.col})" if first else ""
+            yield _err(lst.loc, f"listener {lst.address} given twice{where}")
+        seen.setdefault(lst.address, lst.loc)
+        ip = lst.address.host
+        follow = lst.duravip_follow
+        follow_loc = locs.get(("listener", i, "duravip_follow"), lst.loc)
+        pref_loc = locs.get(("listener", i, "duravip_preference"), lst.loc)
+        if follow is not None:
+            if lst.enable_duravip:
+                yield _err(
+                    follow_loc,
+                    f"listener {lst.address} has both Enable_Duravip and Duravip_Follow",
+                    "keep one: a follower is a DuraVIP already",
+                )
+            target = by_name.get(follow.lower())
+            if target is None:
+                names = [b.name for b in config.bindings]
+                match = difflib.get_close_matches(follow, names, n=1, cutoff=0.6)
+                yield _err(
+                    follow_loc,
+                    f"Duravip_Follow names no binding {follow!r} (by name or Bind_Address)",
+                    f"did you mean '{match[0]}'?" if match else "only bindings can be followed",
+                )
+            elif not target.enable_duravip or target.bind_address is None:
+                yield _err(
+                    follow_loc,
+                    f"Duravip_Follow: binding '{target.name}' is not a DuraVIP",
+                    f"set Enable_Duravip = true and Bind_Address in Binding '{target.name}'",
+                )
+            elif target.bind_address == ip:
+                yield _err(
+                    follow_loc,
+                    f"listener {lst.address} follows binding '{target.name}' on its own IP",
+                    "give the listener and the binding different addresses",
+                )
+            else:
+                prev = follow_at.get(ip)
+                if prev is not None and prev[0].lower() != follow.lower():
+                    yield _err(
+                        follow_loc,
+                        f"{ip} follows both '{prev[0]}' and '{follow}'",
+                        "every listener on one IP must follow the same binding",
+                    )
+                elif ip in independent:
+                    yield _err(
+                        follow_loc,
+                        f"{ip} follows binding '{follow}' but is also a binding's Bind_Address",
+                        "a followed IP cannot be managed on its own",
+                    )
+                follow_at.setdefault(ip, (follow, follow_loc))
+            if lst.duravip_preference is not None:
+                yield _warn(
+                    pref_loc,
+                    f"Duravip_Preference on listener {lst.address} that follows is ignored",
+                    "set the preference on the followed binding",
+                )
+        elif lst.duravip_preference is not None:
+            if lst.enable_duravip:
+                yield _warn(
+                    pref_loc,
+                    f"Duravip_Preference on Enable_Duravip listener {lst.address}",
+                    "set preferences on bindings; the reference advises against this",
+                )
+            else:
+                yield _warn(
+                    pref_loc,
+                    f"Duravip_Preference on plain listener {lst.address} has no effect",
+                )
+    for j, lst in enumerate(config.listeners):
+        followed = follow_at.get(lst.address.host)
+        enable_loc = locs.get(("listener", j, "enable_duravip"))
+        if followed is not None and lst.duravip_follow is None and enable_loc is not None:
+            yield _err(
+                enable_loc,
+                f"{lst.address.host} follows binding '{followed[0]}' but listener "
+                f"{lst.address} manages it with Enable_Duravip",
+                "make every listener on a followed IP a Duravip_Follow",
+            )
+
+
+def check_bindings(config: Config, locs: Locs) -> Iterator[Diagnostic]:
+    names: dict[str, SourceLoc | None] = {}
+    ips: dict[IPv4Address, str] = {}
+    for i, b in enumerate(config.bindings):
+        low = b.name.lower()
+        if low in names:
+            first = names[low]
+            where = f" (first at line {first.line} col {first.col})" if first else ""
+            yield _err(b.loc, f"binding name '{b.name}' used twice{where}")
+        names.setdefault(low, b.loc)
+        addr_loc = locs.get(("binding", i, "bind_address"), b.loc)
+        if b.bind_address is not None:
+            other = ips.get(b.bind_address)
+            if other is not None and other.lower() != low:
+                yield _err(
+                    addr_loc,
+                    f"bindings '{other}' and '{b.name}' share Bind_Address {b.bind_address}",
+                    "each binding needs its own address",
+                )
+            ips.setdefault(b.bind_address, b.name)
+        elif b.enable_duravip:
+            yield _err(
+                locs.get(("binding", i, "enable_duravip"), b.loc),
+                f"binding '{b.name}' has Enable_Duravip but no Bind_Address",
+            )
+
+
+def check_timers(config: Config, locs: Locs) -> Iterator[Diagnostic]:
+    t = config.cluster.timers
+    if t.probe_timeout >= t.probe_interval:
+        yield _err(
+            locs.get(("cluster", "probe_timeout"), locs.get(("cluster",))),
+            f"probe_timeout ({t.probe_timeout}s) must be shorter than "
+            f"probe_interval ({t.probe_interval}s)",
+        )
+    if t.mtu < 576:
+        yield _err(locs.get(("cluster", "mtu")), f"mtu {t.mtu} is below the IPv4 minimum 576")
+    if config.cluster.keyring is None:
+        yield _warn(
+            locs.get(("cluster",)),
+            "no keyring: cluster traffic cannot be authenticated or encrypted",
+            'set keyring = "/etc/duravip/keyring"',
+        )
+
+
+RULES: tuple[Rule, ...] = (
+    check_identity,
+    check_held_addresses,
+    check_topology,
+    check_count,
+    check_listeners,
+    check_bindings,
+    check_timers,
+)
+
+
+def validate(config: Config, locs: Locs | None = None) -> list[Diagnostic]:
+    """Run every rule; the result is sorted by position, errors and warnings mixed."""
+    locs = locs or {}
+    out = [d for rule in RULES for d in rule(config, locs)]
+    out.sort(key=lambda d: (d.loc.file, d.loc.line, d.loc.col) if d.loc else ("", 0, 0))
+    return out

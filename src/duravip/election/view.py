@@ -1,0 +1,385 @@
+"""What one node announces about the DuraVIPs it manages, and its wire form.
+
+A view is gossiped as SWIM meta and fetched over TCP when stale, so the
+encoding must stay small for 10,240 DuraVIPs: IPs are sorted and
+delta-coded, identical per-IP claims share one entry of a claim table, and the
+whole body is zlib-compressed (see ``docs/election.md`` for measured sizes).
+
+Views decoded from nodes with the same DuraVIP configuration share one
+``vips`` mapping object (interned by content digest); the election uses that
+identity to check claims once per distinct configuration instead of once per
+node.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+import zlib
+from array import array
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from ipaddress import IPv4Address
+
+import xxhash
+from attrs import Factory, frozen
+
+from duravip.config import Config, HostPort
+
+__all__ = [
+    "NodeView",
+    "Override",
+    "ViewDecodeError",
+    "VipClaim",
+    "build_view",
+    "decode",
+    "encode",
+]
+
+_MAGIC = b"DVV\x01"
+#: Refuse to inflate more than this (a zip bomb must not eat the daemon).
+_MAX_INFLATED = 16 * 1024 * 1024
+_LITTLE = sys.byteorder == "little"
+_VIPS_CACHE_SIZE = 64
+
+
+class ViewDecodeError(ValueError):
+    """The bytes are not a valid encoded view (any kind of damage)."""
+
+
+@frozen
+class VipClaim:
+    """What one node's config says about one DuraVIP (mirrors ``config.DuraVip``)."""
+
+    listener_ports: tuple[int, ...] = ()
+    binding: str | None = None
+    preference: str | None = None
+    #: Binding name (or IP text) a ``Duravip_Follow`` listener on this IP follows.
+    follows: str | None = None
+
+
+@frozen
+class Override:
+    """An admin ``move IP to NODE``: honoured while ``target`` is a candidate.
+
+    Across views the override with the highest ``seq`` wins (ties: the greater
+    announcing node name).
+    """
+
+    target: str
+    seq: int
+
+
+@frozen
+class NodeView:
+    """One node's announcement. ``vips`` must be treated as immutable."""
+
+    node: str
+    version: int
+    mature: bool
+    held: frozenset[IPv4Address]
+    vips: Mapping[IPv4Address, VipClaim]
+    mmove_addr: HostPort | None = None
+    overrides: Mapping[IPv4Address, Override] = Factory(dict)
+    #: Wall-clock time (``time.time()``) the node loaded its current config.
+    config_stable_since: float = 0.0
+    #: Wall-clock time the node's daemon started.
+    booted_at: float = 0.0
+
+
+# ---------------------------------------------------------------- building
+
+
+_VIPS_CACHE: OrderedDict[bytes, Mapping[IPv4Address, VipClaim]] = OrderedDict()
+
+
+def _intern_vips(
+    section: bytes, make: Mapping[IPv4Address, VipClaim] | None
+) -> Mapping[IPv4Address, VipClaim] | None:
+    """Return the shared mapping for this vips section (or store ``make``)."""
+    key = xxhash.xxh3_128_digest(section)
+    hit = _VIPS_CACHE.get(key)
+    if hit is not None:
+        _VIPS_CACHE.move_to_end(key)
+        return hit
+    if make is not None:
+        _VIPS_CACHE[key] = make
+        while len(_VIPS_CACHE) > _VIPS_CACHE_SIZE:
+            _VIPS_CACHE.popitem(last=False)
+    return make
+
+
+def intern_vips(vips: Mapping[IPv4Address, VipClaim]) -> Mapping[IPv4Address, VipClaim]:
+    """The shared mapping object equal to ``vips`` (so views can share it).
+
+    Equal claims inside the result are one object, as after :func:`decode`.
+    """
+    section = _encode_vips(vips)
+    shared = _intern_vips(section, None)
+    if shared is None:
+        shared = _intern_vips(section, _decode_vips(_Reader(section)))
+    assert shared is not None
+    return shared
+
+
+def build_view(
+    config: Config,
+    *,
+    version: int,
+    mature: bool,
+    held: Iterable[IPv4Address] = (),
+    overrides: Mapping[IPv4Address, Override] | None = None,
+    config_stable_since: float = 0.0,
+    booted_at: float = 0.0,
+) -> NodeView:
+    """This node's view from its configuration (``config.duravips``)."""
+    vips = {
+        ip: VipClaim(
+            listener_ports=tuple(sorted(d.listener_ports)),
+            binding=d.binding,
+            preference=d.preference,
+            follows=d.follows,
+        )
+        for ip, d in config.duravips.items()
+    }
+    return NodeView(
+        node=config.cluster.node_name,
+        version=version,
+        mature=mature,
+        held=frozenset(held),
+        vips=intern_vips(vips),
+        mmove_addr=config.cluster_listener,
+        overrides=dict(overrides or {}),
+        config_stable_since=config_stable_since,
+        booted_at=booted_at,
+    )
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def _u32_array(values: Iterable[int]) -> bytes:
+    arr = array("I", values)
+    if not _LITTLE:
+        arr.byteswap()
+    return arr.tobytes()
+
+
+def _deltas(ips: Iterable[IPv4Address]) -> list[int]:
+    out: list[int] = []
+    prev = 0
+    for n in sorted(int(ip) for ip in ips):
+        out.append(n - prev)
+        prev = n
+    return out
+
+
+def _put_str(out: list[bytes], s: str) -> None:
+    raw = s.encode()
+    if len(raw) > 0xFFFF:
+        raise ValueError("string too long for a view")
+    out.append(struct.pack("<H", len(raw)))
+    out.append(raw)
+
+
+def _encode_vips(vips: Mapping[IPv4Address, VipClaim]) -> bytes:
+    strings: dict[str, int] = {}
+    claims: dict[VipClaim, int] = {}
+
+    def sidx(s: str | None) -> int:
+        if s is None:
+            return 0
+        return strings.setdefault(s, len(strings)) + 1
+
+    order = sorted(vips)
+    claim_idx: list[int] = []
+    for ip in order:
+        c = vips[ip]
+        i = claims.get(c)
+        if i is None:
+            i = claims[c] = len(claims)
+        claim_idx.append(i)
+    claim_rows: list[bytes] = []
+    for c in claims:
+        if len(c.listener_ports) > 255:
+            raise ValueError("too many listener ports on one DuraVIP")
+        claim_rows.append(
+            struct.pack(
+                f"<B{len(c.listener_ports)}HIII",
+                len(c.listener_ports),
+                *c.listener_ports,
+                sidx(c.binding),
+                sidx(c.preference),
+                sidx(c.follows),
+            )
+        )
+    out: list[bytes] = [struct.pack("<I", len(strings))]
+    for s in strings:
+        _put_str(out, s)
+    out.append(struct.pack("<I", len(claims)))
+    out.extend(claim_rows)
+    out.append(struct.pack("<I", len(order)))
+    out.append(_u32_array(_deltas(order)))
+    out.append(_u32_array(claim_idx))
+    return b"".join(out)
+
+
+def encode(view: NodeView) -> bytes:
+    """The compact wire form of ``view`` (see :func:`decode`)."""
+    body: list[bytes] = []
+    _put_str(body, view.node)
+    flags = (1 if view.mature else 0) | (2 if view.mmove_addr is not None else 0)
+    body.append(struct.pack("<QB", view.version, flags))
+    if view.mmove_addr is not None:
+        body.append(struct.pack("<IH", int(view.mmove_addr.host), view.mmove_addr.port))
+    body.append(struct.pack("<dd", view.config_stable_since, view.booted_at))
+    section = _encode_vips(view.vips)
+    body.append(struct.pack("<I", len(section)))
+    body.append(section)
+    body.append(struct.pack("<I", len(view.held)))
+    body.append(_u32_array(_deltas(view.held)))
+    body.append(struct.pack("<I", len(view.overrides)))
+    for ip in sorted(view.overrides):
+        ov = view.overrides[ip]
+        body.append(struct.pack("<IQ", int(ip), ov.seq))
+        _put_str(body, ov.target)
+    return _MAGIC + zlib.compress(b"".join(body), 6)
+
+
+# ---------------------------------------------------------------- decoding
+
+
+class _Reader:
+    """Bounds-checked cursor over the inflated body."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise ViewDecodeError("truncated view")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def unpack(self, fmt: str) -> tuple[int | float, ...]:
+        st = struct.Struct(fmt)
+        return st.unpack(self.take(st.size))
+
+    def u32(self) -> int:
+        (v,) = struct.unpack("<I", self.take(4))
+        return int(v)
+
+    def text(self) -> str:
+        (n,) = struct.unpack("<H", self.take(2))
+        try:
+            return self.take(int(n)).decode()
+        except UnicodeDecodeError as exc:
+            raise ViewDecodeError("bad UTF-8 in view") from exc
+
+    def u32_array(self, count: int) -> list[int]:
+        arr = array("I")
+        arr.frombytes(self.take(4 * count))
+        if not _LITTLE:
+            arr.byteswap()
+        return arr.tolist()
+
+
+def _undelta(deltas: list[int]) -> list[IPv4Address]:
+    out: list[IPv4Address] = []
+    cur = 0
+    for i, d in enumerate(deltas):
+        if i > 0 and d == 0:
+            raise ViewDecodeError("duplicate IP in view")
+        cur += d
+        if cur > 0xFFFFFFFF:
+            raise ViewDecodeError("IP out of range")
+        out.append(IPv4Address(cur))
+    return out
+
+
+def _decode_vips(r: _Reader) -> Mapping[IPv4Address, VipClaim]:
+    nstrings = r.u32()
+    if nstrings > len(r.data):
+        raise ViewDecodeError("string table too large")
+    strings = [r.text() for _ in range(nstrings)]
+
+    def sref(i: int) -> str | None:
+        if i == 0:
+            return None
+        if i > nstrings:
+            raise ViewDecodeError("bad string reference")
+        return strings[i - 1]
+
+    nclaims = r.u32()
+    if nclaims > len(r.data):
+        raise ViewDecodeError("claim table too large")
+    claims: list[VipClaim] = []
+    for _ in range(nclaims):
+        (nports,) = r.unpack("<B")
+        ports = tuple(int(p) for p in r.unpack(f"<{int(nports)}H"))
+        b, p, f = (int(x) for x in r.unpack("<III"))
+        claims.append(VipClaim(ports, sref(b), sref(p), sref(f)))
+    nvips = r.u32()
+    if 8 * nvips > len(r.data):
+        raise ViewDecodeError("vip count too large")
+    ips = _undelta(r.u32_array(nvips))
+    idx = r.u32_array(nvips)
+    if idx and max(idx) >= nclaims:
+        raise ViewDecodeError("bad claim reference")
+    return dict(zip(ips, [claims[i] for i in idx], strict=True))
+
+
+def decode(data: bytes) -> NodeView:
+    """Parse :func:`encode` output; any damage raises :class:`ViewDecodeError`."""
+    if not data.startswith(_MAGIC):
+        raise ViewDecodeError("not a duravip view (bad magic)")
+    inflater = zlib.decompressobj()
+    try:
+        body = inflater.decompress(data[len(_MAGIC) :], _MAX_INFLATED)
+    except zlib.error as exc:
+        raise ViewDecodeError(f"bad compression: {exc}") from exc
+    if inflater.unconsumed_tail or not inflater.eof or inflater.unused_data:
+        raise ViewDecodeError("view is truncated, too large or has trailing bytes")
+    r = _Reader(body)
+    node = r.text()
+    version, flags = (int(x) for x in r.unpack("<QB"))
+    if flags & ~3:
+        raise ViewDecodeError("unknown view flags")
+    mmove: HostPort | None = None
+    if flags & 2:
+        host, port = (int(x) for x in r.unpack("<IH"))
+        mmove = HostPort(IPv4Address(host), port)
+    stable_since, booted_at = (float(x) for x in r.unpack("<dd"))
+    section = r.take(r.u32())
+    vr = _Reader(section)
+    vips = _decode_vips(vr)
+    if vr.pos != len(section):
+        raise ViewDecodeError("trailing bytes in vips section")
+    shared = _intern_vips(section, vips)
+    assert shared is not None
+    nheld = r.u32()
+    if 4 * nheld > len(body):
+        raise ViewDecodeError("held count too large")
+    held = frozenset(_undelta(r.u32_array(nheld)))
+    nov = r.u32()
+    overrides: dict[IPv4Address, Override] = {}
+    for _ in range(nov):
+        ip, seq = (int(x) for x in r.unpack("<IQ"))
+        overrides[IPv4Address(ip)] = Override(r.text(), seq)
+    if len(overrides) != nov:
+        raise ViewDecodeError("duplicate override")
+    if r.pos != len(body):
+        raise ViewDecodeError("trailing bytes in view")
+    return NodeView(
+        node=node,
+        version=version,
+        mature=bool(flags & 1),
+        held=held,
+        vips=shared,
+        mmove_addr=mmove,
+        overrides=overrides,
+        config_stable_since=stable_since,
+        booted_at=booted_at,
+    )

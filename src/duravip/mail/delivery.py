@@ -1,0 +1,186 @@
+"""Delivery to the smarthost: one connection per batch, source address = the binding's IP.
+
+Outcomes are written to the spool before anything else happens: accepted
+messages are removed, temporary failures (4xx, connection errors, timeouts)
+get ``attempts + 1`` and an exponential-backoff ``next_at``, permanent
+failures (5xx) leave a bounce file under ``bounces/`` and are removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import MutableMapping, Sequence
+from pathlib import Path
+
+import trio
+
+from duravip.config.model import HostPort
+from duravip.mail.smtpclient import SmtpError, SmtpSession, open_tcp
+from duravip.mail.spool import Spool
+from duravip.mail.spool_format import QueuedMessage
+
+log = logging.getLogger(__name__)
+
+
+def backoff(attempts: int, base: float, cap: float) -> float:
+    """Delay before attempt ``attempts + 1``: ``base * 2**(attempts-1)``, at most ``cap``."""
+    if attempts <= 0:
+        return 0.0
+    return float(min(cap, base * (2.0 ** min(attempts - 1, 62))))
+
+
+def _bump(counters: MutableMapping[str, int], key: str, n: int = 1) -> None:
+    counters[key] = counters.get(key, 0) + n
+
+
+def write_bounce(
+    bounce_dir: Path, msg: QueuedMessage, data: bytes, reason: str, rcpts: Sequence[str]
+) -> Path:
+    """A bounce file: one JSON line (envelope and reason), a blank line, then the message."""
+    head = {
+        "queue_id": msg.id,
+        "mmove_id": msg.mmove_id,
+        "mail_from": msg.mail_from,
+        "rcpt_to": list(rcpts),
+        "binding": msg.binding,
+        "reason": reason,
+        "time": time.time(),
+    }
+    final = bounce_dir / f"{msg.id}-{int(time.time() * 1000)}.bounce"
+    tmp = final.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(json.dumps(head).encode() + b"\n\n" + data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    return final
+
+
+class Deliverer:
+    """Delivers batches for one node; shares the spool and counters with the service."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        counters: MutableMapping[str, int],
+        *,
+        helo: str,
+        retry_base: float,
+        retry_max: float,
+        timeout: float = 60.0,
+    ) -> None:
+        self.spool = spool
+        self.counters = counters
+        self.helo = helo
+        self.retry_base = retry_base
+        self.retry_max = retry_max
+        self.timeout = timeout
+
+    async def defer(
+        self, msg: QueuedMessage, reason: str, rcpts: Sequence[str] | None = None
+    ) -> None:
+        cur = self.spool.get(msg.id)
+        if cur is None:
+            return
+        attempts = cur.attempts + 1
+        delay = backoff(attempts, self.retry_base, self.retry_max)
+        changes: dict[str, object] = {"attempts": attempts, "next_at": time.time() + delay}
+        if rcpts is not None:
+            changes["rcpt_to"] = tuple(rcpts)
+        await self.spool.update(msg.id, **changes)
+        _bump(self.counters, "deferred")
+        log.info(
+            "deferred %s (binding %s, attempt %d, retry in %.1fs): %s",
+            msg.id,
+            msg.binding,
+            attempts,
+            delay,
+            reason,
+        )
+
+    async def bounce(self, msg: QueuedMessage, reason: str, rcpts: Sequence[str]) -> None:
+        data = self.spool.read_data(msg.id)
+        path = await trio.to_thread.run_sync(
+            write_bounce, self.spool.bounce_dir, msg, data, reason, rcpts
+        )
+        _bump(self.counters, "bounced")
+        log.warning("bounced %s for %s: %s (%s)", msg.id, ",".join(rcpts), reason, path.name)
+
+    async def deliver_batch(
+        self, smarthost: HostPort, bind: str | None, messages: Sequence[QueuedMessage]
+    ) -> None:
+        """Deliver ``messages`` over one connection from ``bind``; every outcome is recorded."""
+        pending = list(messages)
+        try:
+            stream = await open_tcp(
+                str(smarthost.host), smarthost.port, bind=bind, timeout=self.timeout
+            )
+        except (OSError, trio.TooSlowError) as exc:
+            for m in pending:
+                await self.defer(m, f"connect to {smarthost} from {bind or 'any'}: {exc!r}")
+            return
+        session = SmtpSession(stream, timeout=self.timeout)
+        try:
+            await session.start(self.helo)
+            while pending:
+                msg = pending[0]
+                if self.spool.get(msg.id) is None:
+                    pending.pop(0)
+                    continue
+                msg = self.spool.get(msg.id) or msg
+                data = self.spool.read_data(msg.id)
+                res = await session.send(msg.mail_from, msg.rcpt_to, data)
+                pending.pop(0)
+                await self._record(
+                    msg,
+                    res.code,
+                    res.message,
+                    res.accepted,
+                    [r for r, _ in res.deferred],
+                    res.rejected,
+                )
+        except SmtpError as exc:
+            await session.abort()
+            for m in pending:
+                await self.defer(m, f"session with {smarthost}: {exc}")
+            return
+        await session.quit()
+
+    async def _record(
+        self,
+        msg: QueuedMessage,
+        code: int,
+        text: str,
+        accepted: Sequence[str],
+        deferred: Sequence[str],
+        rejected: Sequence[tuple[str, str]],
+    ) -> None:
+        reply = f"{code} {text}"
+        if rejected:
+            await self.bounce(msg, "; ".join(t for _, t in rejected), [r for r, _ in rejected])
+        if 200 <= code < 300:
+            _bump(self.counters, "delivered")
+            log.info(
+                "delivered %s via binding %s to %d recipient(s)", msg.id, msg.binding, len(accepted)
+            )
+            if deferred:
+                await self.defer(msg, "some recipients deferred", deferred)
+            else:
+                await self.spool.remove(msg.id)
+            return
+        refused = {x for x, _ in rejected}
+        if 400 <= code < 500:
+            keep = [r for r in msg.rcpt_to if r not in refused]
+            if keep:
+                await self.defer(msg, reply, keep if refused else None)
+            else:
+                await self.spool.remove(msg.id)
+            return
+        # 5xx for the whole transaction: every recipient not already bounced.
+        rest = [r for r in msg.rcpt_to if r not in refused]
+        if rest:
+            await self.bounce(msg, reply, rest)
+        await self.spool.remove(msg.id)

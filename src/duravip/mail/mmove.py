@@ -1,0 +1,281 @@
+"""mmove (service ``ECmmove2``): moving queued messages between nodes over SMTP.
+
+Receiver: the ``ECCluster_Listener``. Each connection must pass the keyring
+challenge-response of :mod:`duravip.mail.mmove_auth` before the SMTP driver
+sees a byte. MAIL FROM carries ``XBINDING``, ``XREQUEST``, ``XMMOVEID``,
+``XQID`` (the sender's queue id) and ``XORIGIN`` as xtext. The dedup key is
+``XMMOVEID/XQID``: a retry of one transfer (same sender copy) is recognised,
+while a message that legitimately comes back later (from another copy) is not
+mistaken for a duplicate. The key is durable with the message and outlives it
+(the spool's ``SEEN`` checkpoints), so a retry after the message was already
+delivered is still answered ``250`` without storing it again.
+
+Sender: one authenticated connection per batch; a message is removed from the
+local spool only after the receiver's ``250``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, MutableMapping, Sequence
+
+import trio
+
+from duravip.config.model import HostPort, SmtpLimits
+from duravip.mail import mmove_auth as auth
+from duravip.mail.router import DEFAULT
+from duravip.mail.smtpclient import SmtpError, SmtpSession, open_tcp
+from duravip.mail.spool import NewMessage, Spool, SpoolError
+from duravip.mail.spool_format import QueuedMessage
+from duravip.smtp.driver import handle_connection
+from duravip.smtp.server import ServerSettings
+from duravip.smtp.types import Envelope, PermanentFailure, TemporaryFailure
+
+log = logging.getLogger("duravip.mail.ECmmove2")
+
+SERVICE = "ECmmove2"
+EHLO_KEYWORD = "XMMOVE"
+MAIL_PARAMS = frozenset({"XBINDING", "XREQUEST", "XMMOVEID", "XQID", "XORIGIN"})
+PREAMBLE_TIMEOUT = 5.0
+
+
+def _bump(counters: MutableMapping[str, int], key: str, n: int = 1) -> None:
+    counters[key] = counters.get(key, 0) + n
+
+
+async def _read_line(stream: trio.abc.Stream, buf: bytes) -> tuple[bytes, bytes]:
+    while True:
+        got = auth.split_line(buf)
+        if got is not None:
+            return got
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            raise auth.AuthError("connection closed during preamble")
+        buf += chunk
+
+
+async def server_preamble(stream: trio.abc.Stream, keys: Sequence[bytes], cluster: str) -> bytes:
+    """Run the server side of the challenge-response; returns bytes read past it."""
+    nonce_s = auth.new_nonce()
+    await stream.send_all(auth.server_challenge(nonce_s))
+    line, rest = await _read_line(stream, b"")
+    try:
+        proof = auth.server_verify(line, nonce_s, keys, cluster)
+    except auth.AuthError:
+        await stream.send_all(auth.REFUSAL)
+        raise
+    await stream.send_all(proof)
+    return rest
+
+
+async def client_preamble(stream: trio.abc.Stream, key: bytes, cluster: str) -> bytes:
+    """Run the client side; returns bytes the server sent past its proof (the SMTP banner)."""
+    line, rest = await _read_line(stream, b"")
+    reply, nonce_s, nonce_c = auth.client_response(line, key, cluster)
+    await stream.send_all(reply)
+    proof, rest = await _read_line(stream, rest)
+    if proof.startswith(b"-ERR"):
+        raise auth.AuthError("refused by the receiver (keyring mismatch?)")
+    auth.client_verify(proof, key, nonce_s, nonce_c, cluster)
+    return rest
+
+
+class Receiver:
+    """Stores moved messages durably, once per transfer key."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        counters: MutableMapping[str, int],
+        *,
+        on_stored: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.spool = spool
+        self.counters = counters
+        self.on_stored = on_stored
+        self._inflight: dict[str, trio.Event] = {}
+        #: Test hook: called with the key after the durable store; True drops the connection
+        #: before the ``250`` (simulates a lost reply).
+        self.fault_after_store: Callable[[str], bool] | None = None
+
+    async def accept(self, env: Envelope, drop: trio.CancelScope | None = None) -> str:
+        p = env.mail_params
+        if "XMMOVEID" not in p or "XQID" not in p:
+            raise PermanentFailure("mmove needs XMMOVEID and XQID")
+        try:
+            mmove_id = auth.xtext_decode(p["XMMOVEID"])
+            sender_qid = auth.xtext_decode(p["XQID"])
+            binding = auth.xtext_decode(p.get("XBINDING", DEFAULT))
+            requested = auth.xtext_decode(p.get("XREQUEST", binding))
+            origin = auth.xtext_decode(p.get("XORIGIN", ""))
+        except ValueError as exc:
+            raise PermanentFailure(f"bad mmove parameter: {exc}") from exc
+        key = f"{mmove_id}/{sender_qid}"
+        while key in self._inflight:
+            await self._inflight[key].wait()
+        if self.spool.has_mmove_id(key):
+            _bump(self.counters, "mmove_dup")
+            log.info("%s: duplicate transfer %s from %s acknowledged", SERVICE, key, env.peer[0])
+            return f"duplicate-{mmove_id}"
+        done = trio.Event()
+        self._inflight[key] = done
+        try:
+            qid = await self.spool.store(
+                NewMessage(
+                    mail_from=env.mail_from,
+                    rcpt_to=env.rcpt_to,
+                    data=env.data,
+                    binding=binding,
+                    requested=requested,
+                    origin=origin,
+                    mmove_id=mmove_id,
+                    transfer_key=key,
+                )
+            )
+        except SpoolError as exc:
+            raise TemporaryFailure(f"spool: {exc}") from exc
+        finally:
+            del self._inflight[key]
+            done.set()
+        _bump(self.counters, "mmove_received")
+        log.info(
+            "%s: received %s as %s (binding %s) from %s",
+            SERVICE,
+            mmove_id,
+            qid,
+            binding,
+            env.peer[0],
+        )
+        self.on_stored()
+        if self.fault_after_store is not None and self.fault_after_store(key) and drop is not None:
+            drop.cancel()
+            await trio.sleep_forever()
+        return qid
+
+
+class _ConnSink:
+    def __init__(self, receiver: Receiver, scope: trio.CancelScope) -> None:
+        self.receiver = receiver
+        self.scope = scope
+
+    async def accept(self, envelope: Envelope) -> str:
+        return await self.receiver.accept(envelope, self.scope)
+
+
+async def serve_listener(
+    receiver: Receiver,
+    address: HostPort,
+    *,
+    node_name: str,
+    cluster: str,
+    keys: Callable[[], Sequence[bytes]],
+    limits: SmtpLimits,
+    shutdown: trio.Event | None = None,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The ``ECCluster_Listener``: authenticate, then SMTP into ``receiver``."""
+    settings = ServerSettings(
+        hostname=node_name,
+        limits=limits,
+        extra_mail_params=MAIL_PARAMS,
+        extra_ehlo=(EHLO_KEYWORD,),
+    )
+    listeners = await trio.open_tcp_listeners(address.port, host=str(address.host))
+
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            peer = stream.socket.getpeername()
+            local = stream.socket.getsockname()
+        except OSError:
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            with trio.fail_after(PREAMBLE_TIMEOUT):
+                rest = await server_preamble(stream, keys(), cluster)
+        except (auth.AuthError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            _bump(receiver.counters, "mmove_auth_failed")
+            log.warning("%s: refused connection from %s: %s", SERVICE, peer[0], exc)
+            await trio.aclose_forcefully(stream)
+            return
+        with trio.CancelScope() as scope:
+            await handle_connection(
+                stream,
+                settings=settings,
+                sink=_ConnSink(receiver, scope),
+                peer=(peer[0], peer[1]),
+                local=(local[0], local[1]),
+                shutdown=shutdown,
+                greeting=False,
+                initial_data=rest,
+            )
+        if scope.cancelled_caught:
+            await trio.aclose_forcefully(stream)
+
+    await trio.serve_listeners(handle, listeners, task_status=task_status)
+
+
+class MoveFailed(Exception):
+    """The batch could not be (fully) moved; the rest stays queued here."""
+
+
+async def move_batch(
+    spool: Spool,
+    messages: Sequence[QueuedMessage],
+    *,
+    address: HostPort,
+    key: bytes,
+    cluster: str,
+    helo: str,
+    counters: MutableMapping[str, int],
+    node: str,
+    timeout: float = 30.0,
+) -> int:
+    """Move ``messages`` to ``address`` over one connection; returns how many moved.
+
+    Each message is removed here only after the receiver's ``250``. Raises
+    :class:`MoveFailed` when the batch stopped early.
+    """
+    moved = 0
+    try:
+        stream = await open_tcp(str(address.host), address.port, timeout=timeout)
+    except (OSError, trio.TooSlowError) as exc:
+        raise MoveFailed(f"connect to {node} at {address}: {exc!r}") from exc
+    session: SmtpSession | None = None
+    try:
+        with trio.fail_after(PREAMBLE_TIMEOUT):
+            rest = await client_preamble(stream, key, cluster)
+        session = SmtpSession(stream, timeout=timeout, leftover=rest)
+        await session.start(helo)
+        if EHLO_KEYWORD not in session.proto.extensions:
+            raise MoveFailed(f"{node} does not offer {EHLO_KEYWORD}")
+        for msg in messages:
+            cur = spool.get(msg.id)
+            if cur is None:
+                continue
+            params = [
+                f"XBINDING={auth.xtext_encode(cur.binding)}",
+                f"XREQUEST={auth.xtext_encode(cur.requested)}",
+                f"XMMOVEID={auth.xtext_encode(cur.mmove_id)}",
+                f"XQID={auth.xtext_encode(cur.id)}",
+                f"XORIGIN={auth.xtext_encode(cur.origin)}",
+            ]
+            res = await session.send(
+                cur.mail_from, cur.rcpt_to, spool.read_data(cur.id), params, all_or_nothing=True
+            )
+            if not 200 <= res.code < 300:
+                raise MoveFailed(f"{node} refused {cur.id}: {res.code} {res.message}")
+            await spool.remove(cur.id)
+            moved += 1
+            _bump(counters, "mmove_sent")
+            log.info("%s: moved %s (binding %s) to %s", SERVICE, cur.id, cur.binding, node)
+    except (auth.AuthError, SmtpError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+        if session is not None:
+            await session.abort()
+        else:
+            await trio.aclose_forcefully(stream)
+        raise MoveFailed(f"move to {node} at {address}: {exc}") from exc
+    except MoveFailed:
+        await trio.aclose_forcefully(stream)
+        raise
+    await session.quit()
+    return moved

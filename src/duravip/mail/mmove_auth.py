@@ -1,0 +1,125 @@
+"""The mmove preamble: mutual challenge-response proving cluster membership (pure).
+
+Before any SMTP on the ``ECCluster_Listener``::
+
+    S: DVMMOVE1 <nonce_s>\\r\\n
+    C: <nonce_c> <HMAC-SHA256(key, "c" | nonce_s | nonce_c | cluster)>\\r\\n
+    S: <HMAC-SHA256(key, "s" | nonce_c | nonce_s | cluster)>\\r\\n      (or "-ERR auth" and close)
+    S: 220 ... (SMTP starts)
+
+Nonces are 32 random bytes, hex. The client proves with its primary key; the
+server tries every key of its keyring (rotation), then proves back with the
+key that matched, so a client never talks SMTP to an impostor. The direction
+tag and both nonces in each MAC stop reflection and replay; only MACs and
+nonces cross the wire, never a key. The SMTP that follows is not encrypted:
+see ``docs/mail.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Sequence
+
+BANNER = b"DVMMOVE1"
+NONCE_BYTES = 32
+#: Longest preamble line either side accepts.
+MAX_LINE = 256
+REFUSAL = b"-ERR auth\r\n"
+
+
+class AuthError(Exception):
+    """The peer failed the challenge-response or spoke something else."""
+
+
+def new_nonce() -> str:
+    return secrets.token_hex(NONCE_BYTES)
+
+
+def _mac(key: bytes, tag: bytes, first: str, second: str, cluster: str) -> str:
+    msg = b"|".join([tag, first.encode(), second.encode(), cluster.encode()])
+    return hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
+def _is_nonce(text: str) -> bool:
+    return len(text) == 2 * NONCE_BYTES and all(c in "0123456789abcdef" for c in text)
+
+
+def server_challenge(nonce_s: str) -> bytes:
+    return BANNER + b" " + nonce_s.encode() + b"\r\n"
+
+
+def client_response(challenge_line: bytes, key: bytes, cluster: str) -> tuple[bytes, str, str]:
+    """Answer the server's challenge: the line to send, ``nonce_s`` and ``nonce_c``."""
+    parts = challenge_line.strip().split(b" ")
+    if len(parts) != 2 or parts[0] != BANNER:
+        raise AuthError("not an mmove listener")
+    nonce_s = parts[1].decode("ascii", "replace")
+    if not _is_nonce(nonce_s):
+        raise AuthError("bad server nonce")
+    nonce_c = new_nonce()
+    line = f"{nonce_c} {_mac(key, b'c', nonce_s, nonce_c, cluster)}\r\n".encode()
+    return line, nonce_s, nonce_c
+
+
+def server_verify(response_line: bytes, nonce_s: str, keys: Sequence[bytes], cluster: str) -> bytes:
+    """Check the client's proof against every key; returns the server's proof line."""
+    parts = response_line.strip().split(b" ")
+    if len(parts) != 2:
+        raise AuthError("malformed response")
+    nonce_c = parts[0].decode("ascii", "replace")
+    given = parts[1].decode("ascii", "replace")
+    if not _is_nonce(nonce_c) or nonce_c == nonce_s:
+        raise AuthError("bad client nonce")
+    for key in keys:
+        if hmac.compare_digest(_mac(key, b"c", nonce_s, nonce_c, cluster), given):
+            return f"{_mac(key, b's', nonce_c, nonce_s, cluster)}\r\n".encode()
+    raise AuthError("no key matches")
+
+
+def client_verify(proof_line: bytes, key: bytes, nonce_s: str, nonce_c: str, cluster: str) -> None:
+    want = _mac(key, b"s", nonce_c, nonce_s, cluster)
+    if not hmac.compare_digest(want, proof_line.strip().decode("ascii", "replace")):
+        raise AuthError("server failed to prove cluster membership")
+
+
+def split_line(buf: bytes) -> tuple[bytes, bytes] | None:
+    """``(line, rest)`` once ``buf`` holds a CRLF-terminated line; raises if it is too long."""
+    i = buf.find(b"\r\n")
+    if i < 0:
+        if len(buf) > MAX_LINE:
+            raise AuthError("preamble line too long")
+        return None
+    if i > MAX_LINE:
+        raise AuthError("preamble line too long")
+    return buf[:i], buf[i + 2 :]
+
+
+def xtext_encode(value: str) -> str:
+    """RFC 3461 xtext, so binding names and ids travel safely as ESMTP parameter values."""
+    out = []
+    for ch in value.encode():
+        if 33 <= ch <= 126 and ch not in (ord("+"), ord("=")):
+            out.append(chr(ch))
+        else:
+            out.append(f"+{ch:02X}")
+    return "".join(out)
+
+
+def xtext_decode(value: str) -> str:
+    """Inverse of :func:`xtext_encode`; raises ``ValueError`` on a malformed escape."""
+    raw = bytearray()
+    i = 0
+    while i < len(value):
+        c = value[i]
+        if c == "+":
+            hexpair = value[i + 1 : i + 3]
+            if len(hexpair) != 2:
+                raise ValueError("truncated xtext escape")
+            raw += bytes([int(hexpair, 16)])
+            i += 3
+        else:
+            raw += c.encode()
+            i += 1
+    return raw.decode("utf-8", "replace")

@@ -1,0 +1,402 @@
+"""The mail service the daemon runs: ingest sink, rebind, delivery and mmove scheduling.
+
+One scheduler task looks at the spool whenever something changes (a message
+arrived, a batch finished, the holders changed) or a retry falls due, and
+starts bounded workers: at most ``delivery.concurrency`` smarthost
+connections, one mmove connection per peer node. Every decision is taken from
+the durable spool state, so a restart simply resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from functools import partial
+from ipaddress import IPv4Address
+
+import trio
+
+from duravip.config.model import Config, HostPort, SmtpLimits
+from duravip.mail import router
+from duravip.mail.delivery import Deliverer, backoff
+from duravip.mail.mmove import SERVICE, MoveFailed, Receiver, move_batch, serve_listener
+from duravip.mail.router import DEFAULT, MMOVE, MailqRow
+from duravip.mail.spool import NewMessage, Spool, SpoolError, new_queue_id
+from duravip.mail.spool_format import QueuedMessage
+from duravip.smtp.types import Envelope, MessageSink, TemporaryFailure
+
+log = logging.getLogger(__name__)
+
+#: Messages per smarthost connection, and per mmove connection.
+DELIVERY_BATCH = 50
+MMOVE_BATCH = 200
+#: Lets a burst of arrivals gather before the scheduler rescans the queue.
+SCHEDULE_DEBOUNCE = 0.005
+#: Longest sleep of the scheduler when nothing is due (a safety net).
+IDLE_RESCAN = 30.0
+COUNTERS = (
+    "received",
+    "delivered",
+    "deferred",
+    "bounced",
+    "mmove_sent",
+    "mmove_received",
+    "mmove_dup",
+    "mmove_auth_failed",
+    "mmove_failed",
+)
+
+
+def duravip_bindings(config: Config) -> frozenset[str]:
+    """Bindings whose ``Bind_Address`` is a DuraVIP: only its holder may send from it."""
+    names = {b.name for b in config.bindings if b.enable_duravip}
+    names.update(d.binding for d in config.duravips.values() if d.binding is not None)
+    return frozenset(names)
+
+
+class _IngestSink:
+    def __init__(self, service: MailService) -> None:
+        self.service = service
+
+    async def accept(self, envelope: Envelope) -> str:
+        return await self.service.ingest(envelope)
+
+
+class MailService:
+    """See ``docs/mail.md``; built and started by :func:`serve`."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        node_name: str,
+        spool: Spool,
+        keyring_keys: Callable[[], Sequence[bytes]],
+    ) -> None:
+        self.config = config
+        self.node_name = node_name
+        self.spool = spool
+        self.keyring_keys = keyring_keys
+        self.counters: MutableMapping[str, int] = dict.fromkeys(COUNTERS, 0)
+        self.sink: MessageSink = _IngestSink(self)
+        self.holders: dict[str, str | None] = {}
+        self.peers: dict[str, HostPort] = {}
+        #: Where the mmove listener really listens (port 0 in config: the kernel's pick).
+        self.cluster_address: HostPort | None = None
+        self._dv = duravip_bindings(config)
+        self._wake = trio.Event()
+        self._inflight: set[str] = set()
+        self._moving: set[str] = set()
+        self._node_retry_at: dict[str, float] = {}
+        self._node_failures: dict[str, int] = defaultdict(int)
+        self._rebind_all = False
+        self._rebind_moved: set[str] = set()
+        self.receiver = Receiver(spool, self.counters, on_stored=self.wake)
+        self._deliverer = self._make_deliverer()
+
+    def _make_deliverer(self) -> Deliverer:
+        d = self.config.delivery
+        return Deliverer(
+            self.spool,
+            self.counters,
+            helo=self.node_name,
+            retry_base=d.retry_base,
+            retry_max=d.retry_max,
+        )
+
+    # ---- daemon-facing API ----------------------------------------------
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def set_config(self, config: Config) -> None:
+        """Reload: new bindings/groups/smarthost apply to the next scheduling pass."""
+        self.config = config
+        self._dv = duravip_bindings(config)
+        self._deliverer = self._make_deliverer()
+        self._rebind_all = True
+        self.wake()
+
+    def set_holders(
+        self, holders: Mapping[str, str | None], *, local: str, peers: Mapping[str, HostPort]
+    ) -> None:
+        """Binding -> holding node (None: nobody); triggers rebind, delivery and moves."""
+        new = dict(holders)
+        moved = {b for b in set(new) | set(self.holders) if new.get(b) != self.holders.get(b)}
+        self.holders = new
+        self.node_name = local
+        self.peers = dict(peers)
+        if moved:
+            self._rebind_moved |= moved
+            if self.config.cluster.unconditional_rebind:
+                self._rebind_all = True
+            # A peer that just took a binding deserves a fresh attempt.
+            for b in moved:
+                node = new.get(b)
+                if node is not None:
+                    self._node_retry_at.pop(node, None)
+        self.wake()
+
+    def held_here(self) -> frozenset[str]:
+        return frozenset(
+            b.name for b in self.config.bindings if self.route_of(b.name)[0] == "local"
+        )
+
+    def route_of(self, binding: str) -> router.Route:
+        if binding != DEFAULT and binding not in self._dv:
+            return ("local", None)
+        hold = {binding: self.holders.get(binding)} if binding in self._dv else {}
+        return router.route(binding, hold, self.node_name)
+
+    def mailq(self) -> list[MailqRow]:
+        """Per group/binding active and delayed counts; ``default/#mmove`` for moves."""
+        now = time.time()
+        rows: dict[tuple[str, str], list[int]] = {}
+        for m in self.spool.iter():
+            kind, node = self.route_of(m.binding)
+            if kind == "move":
+                key = (DEFAULT, MMOVE)
+                delayed = self._node_retry_at.get(node or "", 0.0) > now
+            else:
+                key = (router.group_of(self.config, m.binding), m.binding)
+                delayed = kind == "wait" or (m.attempts > 0 and m.next_at > now)
+            row = rows.setdefault(key, [0, 0])
+            row[1 if delayed else 0] += 1
+        rows.setdefault((DEFAULT, MMOVE), [0, 0])
+        return [MailqRow(g, b, a, d) for (g, b), (a, d) in sorted(rows.items())]
+
+    async def hand_over(self, timeout: float) -> None:
+        """Graceful shutdown: move every message whose binding is held elsewhere, within ``timeout``."""
+        with trio.move_on_after(timeout):
+            while True:
+                await self._rebind()
+                self._node_retry_at.clear()
+                plan = self._plan_moves(time.time(), ignore_backoff=True)
+                if not plan:
+                    if not self._moving:
+                        return
+                    await trio.sleep(0.01)
+                    continue
+                async with trio.open_nursery() as nursery:
+                    for node, msgs in plan.items():
+                        self._start_move(nursery, node, msgs)
+                if all(self._node_failures.get(n, 0) for n in plan):
+                    await trio.sleep(0.05)
+
+    # ---- ingest ------------------------------------------------------------
+
+    async def ingest(self, env: Envelope) -> str:
+        """Assign a binding, store durably, return the queue id (the SMTP ``250``)."""
+        qid = new_queue_id()
+        requested = router.requested_for(self.config, env.local, env.data)
+        binding = router.resolve(self.config, requested, held_here=self.held_here(), key=qid)
+        try:
+            await self.spool.store(
+                NewMessage(
+                    mail_from=env.mail_from,
+                    rcpt_to=env.rcpt_to,
+                    data=env.data,
+                    binding=binding,
+                    requested=requested,
+                    origin=self.node_name,
+                    queue_id=qid,
+                )
+            )
+        except SpoolError as exc:
+            raise TemporaryFailure("queue write failed, try again later") from exc
+        self.counters["received"] += 1
+        log.debug("queued %s binding %s (requested %s)", qid, binding, requested)
+        self.wake()
+        return qid
+
+    # ---- scheduling --------------------------------------------------------
+
+    async def _rebind(self) -> None:
+        if not self._rebind_all and not self._rebind_moved:
+            return
+        everything, moved = self._rebind_all, frozenset(self._rebind_moved)
+        self._rebind_all = False
+        self._rebind_moved = set()
+        held = self.held_here()
+        changes: list[tuple[str, str]] = []
+        for m in self.spool.iter():
+            if m.id in self._inflight:
+                continue
+            new = router.reassign(
+                self.config,
+                requested=m.requested,
+                current=m.binding,
+                moved=moved,
+                held_here=held,
+                key=m.mmove_id,
+                unconditional=everything,
+            )
+            if new != m.binding:
+                changes.append((m.id, new))
+        if not changes:
+            return
+        log.info("rebind: %d message(s) re-assigned", len(changes))
+
+        async def one(qid: str, binding: str) -> None:
+            # Delivered or moved meanwhile: nothing left to re-assign.
+            with contextlib.suppress(KeyError):
+                await self.spool.update(qid, binding=binding)
+
+        # Concurrent updates share group-committed flushes.
+        for i in range(0, len(changes), 512):
+            async with trio.open_nursery() as nursery:
+                for qid, binding in changes[i : i + 512]:
+                    nursery.start_soon(one, qid, binding)
+
+    def _plan_moves(
+        self, now: float, *, ignore_backoff: bool = False
+    ) -> dict[str, list[QueuedMessage]]:
+        plan: dict[str, list[QueuedMessage]] = defaultdict(list)
+        for m in self.spool.iter():
+            if m.id in self._inflight:
+                continue
+            kind, node = self.route_of(m.binding)
+            if kind != "move" or node is None or node in self._moving:
+                continue
+            if node not in self.peers:
+                continue
+            if not ignore_backoff and self._node_retry_at.get(node, 0.0) > now:
+                continue
+            if len(plan[node]) < MMOVE_BATCH:
+                plan[node].append(m)
+        return dict(plan)
+
+    def _start_move(self, nursery: trio.Nursery, node: str, msgs: list[QueuedMessage]) -> None:
+        self._moving.add(node)
+        self._inflight.update(m.id for m in msgs)
+        nursery.start_soon(self._move_worker, node, msgs)
+
+    async def _move_worker(self, node: str, msgs: list[QueuedMessage]) -> None:
+        try:
+            keys = self.keyring_keys()
+            await move_batch(
+                self.spool,
+                msgs,
+                address=self.peers[node],
+                key=keys[0],
+                cluster=self.config.cluster.name,
+                helo=self.node_name,
+                counters=self.counters,
+                node=node,
+            )
+            self._node_failures.pop(node, None)
+            self._node_retry_at.pop(node, None)
+        except MoveFailed as exc:
+            self._node_failures[node] += 1
+            self.counters["mmove_failed"] += 1
+            delay = backoff(
+                self._node_failures[node],
+                self.config.delivery.retry_base,
+                self.config.delivery.retry_max,
+            )
+            self._node_retry_at[node] = time.time() + delay
+            log.warning("%s: %s (retry in %.1fs)", SERVICE, exc, delay)
+        finally:
+            self._moving.discard(node)
+            self._inflight.difference_update(m.id for m in msgs)
+            self.wake()
+
+    async def _deliver_worker(
+        self, limiter: trio.CapacityLimiter, binding: str, msgs: list[QueuedMessage]
+    ) -> None:
+        try:
+            async with limiter:
+                smarthost = self.config.delivery.smarthost
+                if smarthost is None:
+                    for m in msgs:
+                        await self._deliverer.defer(m, "no smarthost configured")
+                    return
+                b = self.config.binding(binding) if binding != DEFAULT else None
+                bind = str(b.bind_address) if b is not None and b.bind_address else None
+                await self._deliverer.deliver_batch(smarthost, bind, msgs)
+        except SpoolError as exc:
+            log.error("delivery: spool write failed: %s", exc)
+        finally:
+            self._inflight.difference_update(m.id for m in msgs)
+            self.wake()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The scheduler loop: rebind, then start deliveries and moves that are due."""
+        limiter = trio.CapacityLimiter(max(1, self.config.delivery.concurrency))
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                self._wake = trio.Event()
+                await self._rebind()
+                now = time.time()
+                next_at = now + IDLE_RESCAN
+                local: dict[str, list[QueuedMessage]] = defaultdict(list)
+                for m in self.spool.iter():
+                    if m.id in self._inflight:
+                        continue
+                    kind, _node = self.route_of(m.binding)
+                    if kind != "local":
+                        continue
+                    if m.next_at > now:
+                        next_at = min(next_at, m.next_at)
+                        continue
+                    local[m.binding].append(m)
+                for binding, msgs in local.items():
+                    for i in range(0, len(msgs), DELIVERY_BATCH):
+                        chunk = msgs[i : i + DELIVERY_BATCH]
+                        self._inflight.update(m.id for m in chunk)
+                        nursery.start_soon(self._deliver_worker, limiter, binding, chunk)
+                for node, msgs in self._plan_moves(now).items():
+                    self._start_move(nursery, node, msgs)
+                for t in self._node_retry_at.values():
+                    if t > now:
+                        next_at = min(next_at, t)
+                with trio.move_on_after(max(0.0, next_at - time.time())):
+                    await self._wake.wait()
+                await trio.sleep(SCHEDULE_DEBOUNCE)
+
+
+async def serve(
+    *,
+    config: Config,
+    node_name: str,
+    keyring_keys: Callable[[], Sequence[bytes]],
+    task_status: trio.TaskStatus[MailService] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Open (recover) the spool, start the mmove listener and the scheduler, then report ready."""
+    spool = await trio.to_thread.run_sync(Spool.open, config.spool.path)
+    try:
+        service = MailService(
+            config=config, node_name=node_name, spool=spool, keyring_keys=keyring_keys
+        )
+        log.info("mail: spool %s recovered %d message(s)", config.spool.path, len(spool))
+        async with trio.open_nursery() as nursery:
+            addr = config.cluster_listener
+            if addr is not None:
+                limits = SmtpLimits(
+                    max_message_size=config.smtp.max_message_size,
+                    max_recipients=1_000_000,
+                    max_line_length=config.smtp.max_line_length,
+                    command_timeout=config.smtp.command_timeout,
+                    data_timeout=config.smtp.data_timeout,
+                )
+                bound = await nursery.start(
+                    partial(
+                        serve_listener,
+                        service.receiver,
+                        addr,
+                        node_name=node_name,
+                        cluster=config.cluster.name,
+                        keys=keyring_keys,
+                        limits=limits,
+                    )
+                )
+                host, port = bound[0].socket.getsockname()[:2]
+                service.cluster_address = HostPort(IPv4Address(host), port)
+            await nursery.start(service.run)
+            task_status.started(service)
+    finally:
+        spool.close()

@@ -1,0 +1,210 @@
+"""Outbound SMTP over a Trio stream, driving smtpproto's sans-IO client.
+
+Why not ``smtpproto.client.AsyncSMTPClient``: it connects with
+``anyio.connect_tcp`` and offers no source address, and delivery must leave
+from the binding's ``Bind_Address``. So we open the socket ourselves and drive
+``SMTPClientProtocol``. Two small additions, in a subclass: ESMTP parameters on
+``MAIL FROM`` (mmove's ``XBINDING=``/``XMMOVEID=``), and a 4xx/5xx after the
+data turned into a response instead of a protocol violation. Message bytes are
+sent as received (only dot-stuffed), never re-encoded by the ``email`` package.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Sequence
+from email.message import EmailMessage
+from email.policy import Policy
+from typing import Any
+
+import trio
+from attrs import frozen
+from smtpproto.protocol import (
+    ClientState,
+    SMTPClientProtocol,
+    SMTPException,
+    SMTPResponse,
+)
+
+
+class SmtpError(Exception):
+    """The session broke (connection, timeout or protocol); every unsent message is deferred."""
+
+
+class _RawMessage(EmailMessage):
+    """Carries raw, already CRLF-terminated message bytes through ``SMTPClientProtocol.data``."""
+
+    def __init__(self, raw: bytes) -> None:
+        super().__init__()
+        if not raw.endswith(b"\r\n"):
+            raw += b"\r\n"
+        # smtpproto stuffs dots after CRLF only; the first line is ours to stuff.
+        if raw.startswith(b"."):
+            raw = b"." + raw
+        self._raw = raw
+
+    def as_bytes(self, unixfrom: bool = False, policy: Policy | None = None) -> bytes:
+        return self._raw
+
+    def __contains__(self, name: Any) -> bool:
+        return False
+
+
+class _Protocol(SMTPClientProtocol):
+    def mail_with(self, sender: str, params: Sequence[str]) -> None:
+        """``MAIL FROM`` with extra ESMTP parameters (``smtpproto`` has no hook for them)."""
+        self._require_state(ClientState.ready, ClientState.authenticated)
+        args = ["BODY=8BITMIME"] if "8BITMIME" in self.extensions else []
+        args.extend(params)
+        self._smtputf8_message = False
+        self._send_command("MAIL", b"FROM:<" + self._encode_address(sender) + b">", *args)
+
+    def _parse_response(self, code: int, lines: Sequence[str]) -> SMTPResponse | None:
+        if self._command_sent is None and self._state is ClientState.data_sent and code >= 400:
+            self._state = ClientState.ready
+            return SMTPResponse(code, "\n".join(lines))
+        return super()._parse_response(code, lines)
+
+
+@frozen
+class SendResult:
+    """Outcome of one transaction: ``code`` is the final reply (MAIL, DATA or end of data)."""
+
+    code: int
+    message: str
+    accepted: tuple[str, ...]
+    #: Recipients refused with a 4xx (retry) and a 5xx (bounce), with the reply.
+    deferred: tuple[tuple[str, str], ...]
+    rejected: tuple[tuple[str, str], ...]
+
+
+async def open_tcp(
+    host: str, port: int, *, bind: str | None = None, timeout: float = 30.0
+) -> trio.SocketStream:
+    """Connect to ``host:port``, with the source address bound to ``bind`` if given."""
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+    try:
+        if bind is not None:
+            await sock.bind((bind, 0))
+        with trio.fail_after(timeout):
+            await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+class SmtpSession:
+    """One client session; ``timeout`` bounds every read and write."""
+
+    def __init__(self, stream: trio.abc.Stream, *, timeout: float = 60.0, leftover: bytes = b""):
+        self.stream = stream
+        self.timeout = timeout
+        self.proto = _Protocol()
+        self._leftover = leftover
+
+    async def _flush(self) -> None:
+        out = self.proto.get_outgoing_data()
+        if out:
+            with trio.fail_after(self.timeout):
+                await self.stream.send_all(out)
+
+    async def _response(self) -> SMTPResponse:
+        while True:
+            await self._flush()
+            buffered = self.proto.feed_bytes(b"")  # a reply that arrived with an earlier one
+            if buffered is not None:
+                return buffered
+            if self._leftover:
+                data, self._leftover = self._leftover, b""
+            else:
+                with trio.fail_after(self.timeout):
+                    data = bytes(await self.stream.receive_some(65536))
+                if not data:
+                    raise SmtpError("connection closed by server")
+            resp = self.proto.feed_bytes(data)
+            if resp is not None:
+                return resp
+
+    async def _cmd(self, method: Any, *args: Any) -> SMTPResponse:
+        try:
+            method(*args)
+            return await self._response()
+        except SMTPException as exc:
+            raise SmtpError(str(exc)) from exc
+        except (trio.BrokenResourceError, trio.TooSlowError, OSError) as exc:
+            raise SmtpError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def start(self, domain: str) -> SMTPResponse:
+        """Read the greeting and say EHLO; a non-2xx greeting or EHLO raises ``SmtpError``."""
+        greet = await self._cmd(lambda: None)
+        if greet.is_error():
+            raise SmtpError(f"greeting {greet.code} {greet.message}")
+        ehlo = await self._cmd(self.proto.send_greeting, domain)
+        if ehlo.is_error():
+            raise SmtpError(f"EHLO {ehlo.code} {ehlo.message}")
+        return ehlo
+
+    async def send(
+        self,
+        mail_from: str,
+        rcpt_to: Sequence[str],
+        data: bytes,
+        params: Sequence[str] = (),
+        *,
+        all_or_nothing: bool = False,
+    ) -> SendResult:
+        """One transaction. Refusals come back in the result; a broken session raises.
+
+        ``all_or_nothing``: if any recipient is refused, reset instead of sending
+        the data (mmove must never leave a partial copy behind).
+        """
+        r = await self._cmd(self.proto.mail_with, mail_from, params)
+        if r.is_error():
+            return SendResult(r.code, r.message, (), (), ())
+        accepted: list[str] = []
+        deferred: list[tuple[str, str]] = []
+        rejected: list[tuple[str, str]] = []
+        for rcpt in rcpt_to:
+            r = await self._cmd(self.proto.recipient, rcpt)
+            text = f"{r.code} {r.message}"
+            if not r.is_error():
+                accepted.append(rcpt)
+            elif r.code < 500:
+                deferred.append((rcpt, text))
+            else:
+                rejected.append((rcpt, text))
+        if not accepted or (all_or_nothing and (deferred or rejected)):
+            await self._cmd(self.proto.reset)
+            worst = rejected[0] if rejected and not deferred else (deferred or rejected)[0]
+            code = int(worst[1][:3])
+            return SendResult(code, worst[1][4:], (), tuple(deferred), tuple(rejected))
+        r = await self._cmd(self.proto.start_data)
+        if r.is_error():
+            await self._cmd(self.proto.reset)
+            return SendResult(r.code, r.message, (), tuple(deferred), tuple(rejected))
+        r = await self._cmd(self.proto.data, _RawMessage(data))
+        return SendResult(r.code, r.message, tuple(accepted), tuple(deferred), tuple(rejected))
+
+    async def quit(self) -> None:
+        """Polite close; errors are ignored because every message is already accounted for."""
+        try:
+            if self.proto.state is not ClientState.finished:
+                await self._cmd(self.proto.quit)
+        except SmtpError:
+            pass
+        finally:
+            await self.stream.aclose()
+
+    async def abort(self) -> None:
+        await trio.aclose_forcefully(self.stream)
+
+
+def is_connect_error(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (
+        errno.ECONNREFUSED,
+        errno.ENETUNREACH,
+        errno.EHOSTUNREACH,
+        errno.ETIMEDOUT,
+        errno.EADDRNOTAVAIL,
+    )

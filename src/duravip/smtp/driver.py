@@ -1,0 +1,198 @@
+"""Thin Trio driver: one task per SMTP connection around :class:`SmtpServer`.
+
+It moves bytes between the stream and the sans-IO core, awaits the sink for
+each message (``250`` only after the sink returned, i.e. the message is
+durable), applies the command/data timeouts, and on shutdown lets the
+transaction in progress finish before it says ``421``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from duravip.smtp.server import ConnectionClosed, MessageReceived, ServerSettings, SmtpServer
+from duravip.smtp.types import MessageSink, PermanentFailure, TemporaryFailure
+
+__all__ = ["GOODBYE_TIMEOUT", "RECEIVE_SIZE", "handle_connection"]
+
+log = logging.getLogger("duravip.smtp")
+
+#: Bytes asked of the stream per receive (large enough for a 1 KB message and
+#: its pipelined commands in one call).
+RECEIVE_SIZE = 65536
+#: How long a cancelled session may spend sending its ``421`` before closing.
+GOODBYE_TIMEOUT = 1.0
+
+
+def _count(counters: dict[str, int] | None, key: str) -> None:
+    if counters is not None:
+        counters[key] = counters.get(key, 0) + 1
+
+
+async def handle_connection(
+    stream: trio.abc.Stream,
+    *,
+    settings: ServerSettings,
+    sink: MessageSink,
+    peer: tuple[str, int],
+    local: tuple[str, int],
+    shutdown: trio.Event | None = None,
+    greeting: bool = True,
+    initial_data: bytes = b"",
+    counters: dict[str, int] | None = None,
+) -> None:
+    """Serve one SMTP session on ``stream`` until it ends; always closes ``stream``.
+
+    * The ``220 <hostname> ESMTP duravip`` banner is always the first thing
+      the driver writes. ``greeting=False`` is for a caller that already ran
+      its own preamble on the stream (the mmove challenge-response): the
+      driver writes exactly the same banner, so a stock SMTP client can
+      start right after the preamble; the flag only changes the session's
+      log line. Bytes the caller read past its preamble go in ``initial_data``
+      and are processed as if received first.
+    * ``shutdown`` set: an idle session gets ``421 4.3.2`` at once; a
+      transaction in progress (after MAIL, during DATA, while the sink
+      works) is finished first, then ``421``. The caller bounds that drain by
+      cancelling this task; on cancellation the driver still tries to send
+      ``421`` for up to :data:`GOODBYE_TIMEOUT` seconds.
+    * Timeouts: ``limits.command_timeout`` between commands,
+      ``limits.data_timeout`` while a body is arriving; then ``421 4.4.2``.
+    * ``counters`` (optional) gets ``messages``, ``rejects``, ``timeouts`` and
+      ``sink_errors`` incremented.
+    """
+    session = _Session(stream, settings, sink, peer, local, shutdown, counters)
+    log.debug(
+        "%s session from %s:%d to %s:%d",
+        "smtp" if greeting else "smtp-after-preamble",
+        *peer,
+        *local,
+    )
+    if initial_data:
+        session.server.receive_data(initial_data)
+    ended = False
+    try:
+        async with trio.open_nursery() as nursery:
+            if shutdown is not None:
+                nursery.start_soon(session.watch_shutdown, shutdown)
+            await session.run()
+            ended = True
+            nursery.cancel_scope.cancel()
+    finally:
+        if not ended:
+            await _goodbye(stream, session.server)
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(stream)
+
+
+class _Session:
+    """State one connection's tasks share (the main loop and the shutdown watcher)."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        settings: ServerSettings,
+        sink: MessageSink,
+        peer: tuple[str, int],
+        local: tuple[str, int],
+        shutdown: trio.Event | None,
+        counters: dict[str, int] | None,
+    ) -> None:
+        self.stream = stream
+        self.server = SmtpServer(settings)
+        self.limits = settings.limits
+        self.sink = sink
+        self.peer = peer
+        self.local = local
+        self.shutdown = shutdown
+        self.counters = counters
+        self.recv_scope: trio.CancelScope | None = None
+
+    def _stopping(self) -> bool:
+        return (
+            self.shutdown is not None and self.shutdown.is_set() and not self.server.in_transaction
+        )
+
+    async def watch_shutdown(self, event: trio.Event) -> None:
+        await event.wait()
+        # Only an idle session is interrupted; a transaction in progress finishes.
+        if self.recv_scope is not None and not self.server.in_transaction:
+            self.recv_scope.cancel()
+
+    async def run(self) -> None:
+        """The session loop; returns when the session is over or the peer went away."""
+        server, stream = self.server, self.stream
+        try:
+            while True:
+                event = server.next_event()
+                out = server.data_to_send()
+                if out:
+                    await stream.send_all(out)
+                if isinstance(event, ConnectionClosed):
+                    return
+                if isinstance(event, MessageReceived):
+                    await _deliver(server, event, self.sink, self.peer, self.local, self.counters)
+                    if self.shutdown is not None and self.shutdown.is_set():
+                        server.shutdown()  # after its 250: no new transaction
+                    continue
+                if self._stopping():
+                    server.shutdown()
+                    continue
+                timeout = (
+                    self.limits.data_timeout if server.in_data else self.limits.command_timeout
+                )
+                with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
+                    self.recv_scope = scope
+                    data = await stream.receive_some(RECEIVE_SIZE)
+                self.recv_scope = None
+                if scope.cancelled_caught:
+                    if not self._stopping():
+                        _count(self.counters, "timeouts")
+                        server.timeout()
+                    continue
+                server.receive_data(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.debug("session from %s:%d ended: %r", *self.peer, exc)
+            server.shutdown()  # nothing more to say; mark closed
+            server.data_to_send()
+
+
+async def _deliver(
+    server: SmtpServer,
+    event: MessageReceived,
+    sink: MessageSink,
+    peer: tuple[str, int],
+    local: tuple[str, int],
+    counters: dict[str, int] | None,
+) -> None:
+    """Hand one message to the sink and turn its outcome into the reply."""
+    try:
+        queue_id = await sink.accept(event.envelope(peer, local))
+    except TemporaryFailure as exc:
+        _count(counters, "rejects")
+        server.reject_message(451, "4.3.0", str(exc) or "Error: try again later")
+    except PermanentFailure as exc:
+        _count(counters, "rejects")
+        server.reject_message(554, "5.6.0", str(exc) or "Error: message refused")
+    except Exception:
+        # A sink bug must cost this message a retry, never the listener.
+        log.exception("sink failed for message from %s:%d", *peer)
+        _count(counters, "sink_errors")
+        server.reject_message(451, "4.3.0", "Error: local error in processing")
+    else:
+        _count(counters, "messages")
+        server.accept_message(queue_id)
+
+
+async def _goodbye(stream: trio.abc.Stream, server: SmtpServer) -> None:
+    """Best effort ``421`` when the session is being torn down (cancel or error)."""
+    server.shutdown()
+    out = server.data_to_send()
+    if not out:
+        return
+    with trio.CancelScope(shield=True), trio.move_on_after(GOODBYE_TIMEOUT):
+        try:
+            await stream.send_all(out)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.debug("no 421 for a closing session: %r", exc)

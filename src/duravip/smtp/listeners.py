@@ -1,0 +1,275 @@
+"""Listener manager: which ESMTP listeners run, and draining them on IP moves.
+
+Plain listeners run from :func:`serve` start to its cancellation. DuraVIP
+listeners (``Enable_Duravip``, ``Duravip_Follow``, or any listener on an IP
+that is a DuraVIP for some other service) start only through
+:meth:`ListenerManager.start_ip`, after the daemon plumbed the IP, and stop
+through :meth:`ListenerManager.stop_ip`, before it unplumbs: break before make.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from ipaddress import IPv4Address
+
+import attrs
+import trio
+
+from duravip.config import Config, Listener
+from duravip.smtp.driver import handle_connection
+from duravip.smtp.server import ServerSettings
+from duravip.smtp.types import MessageSink
+
+__all__ = ["BACKLOG", "ListenerManager", "is_duravip_listener", "serve"]
+
+log = logging.getLogger("duravip.smtp.listeners")
+
+BACKLOG = 1024
+Addr = tuple[str, int]
+
+
+def is_duravip_listener(config: Config, listener: Listener) -> bool:
+    """A listener follows its IP if any service made that IP a DuraVIP."""
+    return listener.is_duravip or listener.address.host in config.duravips
+
+
+class _Running:
+    """One bound listening socket, its accept loop and its sessions."""
+
+    def __init__(self, addr: Addr, sock: trio.socket.SocketType) -> None:
+        self.addr = addr
+        self.listener = trio.SocketListener(sock)
+        self.accept_scope = trio.CancelScope()
+        #: Set when the listener stops: idle sessions get 421, busy ones finish.
+        self.shutdown = trio.Event()
+        #: Set once the listening socket is closed (the address may be rebound).
+        self.socket_closed = trio.Event()
+        #: Set once every session is gone.
+        self.done = trio.Event()
+        self.sessions: trio.Nursery | None = None
+
+
+class ListenerManager:
+    """Starts and stops listeners; every task lives in the nursery of :func:`serve`."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        sink: MessageSink,
+        settings: ServerSettings,
+        nursery: trio.Nursery,
+    ) -> None:
+        self._config = config
+        self._sink = sink
+        self._settings = settings
+        self._nursery = nursery
+        self._running: dict[Addr, _Running] = {}
+        self._stopping: dict[Addr, _Running] = {}
+        #: IPs handed to start_ip and not yet to stop_ip.
+        self._ips: set[IPv4Address] = set()
+        self.counters: dict[str, int] = {
+            "sessions": 0,
+            "sessions_active": 0,
+            "messages": 0,
+            "rejects": 0,
+            "timeouts": 0,
+            "sink_errors": 0,
+            "session_errors": 0,
+        }
+
+    # ------------------------------------------------------------------ API
+
+    def running(self) -> frozenset[tuple[str, int]]:
+        """Addresses currently accepting connections."""
+        return frozenset(self._running)
+
+    async def start_ip(self, ip: IPv4Address) -> None:
+        """Start every DuraVIP listener bound to ``ip`` (plumbed already).
+
+        Raises ``OSError`` (EADDRNOTAVAIL if the IP is not on the host); then
+        none of this IP's listeners started by this call is left running.
+        """
+        self._ips.add(ip)
+        started: list[Addr] = []
+        try:
+            for addr in self._duravip_addrs(self._config, ip):
+                if addr not in self._running:
+                    await self._start(addr)
+                    started.append(addr)
+        except BaseException:
+            self._ips.discard(ip)
+            with trio.CancelScope(shield=True):
+                for addr in started:
+                    await self._stop(addr, 0.0)
+            raise
+
+    async def stop_ip(self, ip: IPv4Address, drain_timeout: float) -> None:
+        """Stop accepting on ``ip`` now, drain sessions, then ``421`` the rest.
+
+        Returns when every listening socket and session of ``ip`` is gone.
+        """
+        self._ips.discard(ip)
+        addrs = [a for a in self._running if a[0] == str(ip)]
+        others = [r for a, r in self._stopping.items() if a[0] == str(ip)]
+        async with trio.open_nursery() as nursery:
+            for addr in addrs:
+                nursery.start_soon(self._stop, addr, drain_timeout)
+        for running in others:  # already stopping (a reload): wait for them too
+            await running.done.wait()
+
+    def set_config(self, config: Config) -> None:
+        """Reload: start/stop listeners that appeared/disappeared (in the background).
+
+        ``settings.limits`` becomes ``config.smtp`` for new sessions.
+        """
+        self._config = config
+        self._settings = attrs.evolve(self._settings, limits=config.smtp)
+        want = self._wanted(config)
+        for addr in set(self._running) - want:
+            self._nursery.start_soon(self._stop, addr, config.cluster.drain_timeout)
+        for addr in sorted(want - set(self._running)):
+            self._nursery.start_soon(self._start_logged, addr)
+
+    # ------------------------------------------------------------ internals
+
+    def _duravip_addrs(self, config: Config, ip: IPv4Address) -> list[Addr]:
+        return [
+            lst.address.as_tuple()
+            for lst in config.listeners
+            if lst.address.host == ip and is_duravip_listener(config, lst)
+        ]
+
+    def _plain_addrs(self, config: Config) -> list[Addr]:
+        return [
+            lst.address.as_tuple()
+            for lst in config.listeners
+            if not is_duravip_listener(config, lst)
+        ]
+
+    def _wanted(self, config: Config) -> set[Addr]:
+        want = set(self._plain_addrs(config))
+        for ip in self._ips:
+            want.update(self._duravip_addrs(config, ip))
+        return want
+
+    async def _start_plain(self) -> None:
+        for addr in self._plain_addrs(self._config):
+            await self._start_logged(addr)
+
+    async def _start_logged(self, addr: Addr) -> None:
+        try:
+            await self._start(addr)
+        except OSError as exc:
+            log.error("cannot listen on %s:%d: %s", *addr, exc)
+
+    async def _start(self, addr: Addr) -> None:
+        old = self._stopping.get(addr)
+        if old is not None:
+            await old.socket_closed.wait()
+        if addr in self._running:
+            return
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            await sock.bind(addr)
+            sock.listen(BACKLOG)
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.EADDRNOTAVAIL:
+                log.warning("%s is not on this host (not plumbed?)", addr[0])
+            raise
+        running = _Running(addr, sock)
+        self._running[addr] = running
+        try:
+            await self._nursery.start(self._run, running)
+        except BaseException:
+            self._running.pop(addr, None)
+            sock.close()
+            raise
+        log.info("listening on %s:%d", *addr)
+
+    async def _run(self, running: _Running, *, task_status: trio.TaskStatus[None]) -> None:
+        """Accept loop plus the sessions' nursery of one listener."""
+        try:
+            async with trio.open_nursery() as sessions:
+                running.sessions = sessions
+                with running.accept_scope:
+                    task_status.started()
+                    try:
+                        while True:
+                            stream = await running.listener.accept()
+                            sessions.start_soon(self._session, stream, running)
+                    except (OSError, trio.ClosedResourceError):
+                        # Not one of the transient errors trio retries itself.
+                        log.exception("accept failed on %s:%d; listener stops", *running.addr)
+                        self._running.pop(running.addr, None)
+                with trio.CancelScope(shield=True):
+                    await running.listener.aclose()
+                running.socket_closed.set()
+        finally:
+            running.socket_closed.set()
+            running.done.set()
+            if self._running.get(running.addr) is running:
+                del self._running[running.addr]
+            if self._stopping.get(running.addr) is running:
+                del self._stopping[running.addr]
+
+    async def _session(self, stream: trio.SocketStream, running: _Running) -> None:
+        self.counters["sessions"] += 1
+        self.counters["sessions_active"] += 1
+        try:
+            peer = stream.socket.getpeername()
+            local = stream.socket.getsockname()
+            await handle_connection(
+                stream,
+                settings=self._settings,
+                sink=self._sink,
+                peer=(str(peer[0]), int(peer[1])),
+                local=(str(local[0]), int(local[1])),
+                shutdown=running.shutdown,
+                counters=self.counters,
+            )
+        except OSError as exc:
+            log.debug("session on %s:%d failed: %r", *running.addr, exc)
+        except Exception:
+            # One broken session must never take the listener down.
+            self.counters["session_errors"] += 1
+            log.exception("session on %s:%d crashed", *running.addr)
+        finally:
+            self.counters["sessions_active"] -= 1
+
+    async def _stop(self, addr: Addr, drain_timeout: float) -> None:
+        running = self._running.pop(addr, None)
+        if running is None:
+            return
+        self._stopping[addr] = running
+        running.accept_scope.cancel()
+        running.shutdown.set()
+        with trio.move_on_after(drain_timeout):
+            await running.done.wait()
+        if not running.done.is_set():
+            assert running.sessions is not None
+            running.sessions.cancel_scope.cancel()
+            await running.done.wait()
+        log.info("stopped listening on %s:%d", *addr)
+
+
+async def serve(
+    *,
+    config: Config,
+    sink: MessageSink,
+    settings: ServerSettings,
+    task_status: trio.TaskStatus[ListenerManager] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the plain listeners, hand out the manager, close everything on cancel.
+
+    A plain listener that cannot bind is logged and skipped (the rest run).
+    """
+    async with trio.open_nursery() as nursery:
+        manager = ListenerManager(config=config, sink=sink, settings=settings, nursery=nursery)
+        await manager._start_plain()
+        task_status.started(manager)
+        await trio.sleep_forever()
