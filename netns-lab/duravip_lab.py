@@ -553,8 +553,9 @@ class Lab:
         return "UP" in json.loads(out)[0].get("flags", [])
 
     def pause(self, node: str) -> None:
-        """SIGSTOP the node's process group; returns once the kernel shows it stopped."""
-        self._node(node)
+        """SIGSTOP the node's (or the sink's) process group; returns once it shows stopped."""
+        if node != "sink":
+            self._node(node)
         if not self._signal_group(node, signal.SIGSTOP):
             raise LabError(f"{node} is not running")
         deadline = time.monotonic() + 2
@@ -562,7 +563,8 @@ class Lab:
             time.sleep(0.002)
 
     def resume(self, node: str) -> None:
-        self._node(node)
+        if node != "sink":
+            self._node(node)
         if not self._signal_group(node, signal.SIGCONT):
             raise LabError(f"{node} is not running")
 

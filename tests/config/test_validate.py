@@ -266,3 +266,18 @@ def test_cluster_value_rules(keys: str, line: int, col: int, fragment: str) -> N
 def test_missing_keyring_warns() -> None:
     r = check_text("cluster { name = t gossip_address = 10.0.0.1:1 }", "v.conf")
     assert r.ok and only(r, "warning", "no keyring") == loc(1, 1)
+
+
+def test_reserved_binding_name() -> None:
+    r = run('Binding "#mmove" { }\n')
+    assert only(r, "error", "is reserved") == loc(5, 1)
+
+
+def test_group_given_twice() -> None:
+    r = run("Binding_Group g { Binding a { } }\nBinding_Group G { Binding b { } }\n")
+    assert only(r, "error", "Binding_Group 'G' given twice") == loc(6, 1)
+
+
+def test_group_named_like_a_binding() -> None:
+    r = run('Binding x { }\nBinding_Group "X" { Binding b { } }\n')
+    assert only(r, "error", "has the name of a binding") == loc(6, 1)

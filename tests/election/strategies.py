@@ -69,7 +69,9 @@ def world(draw: st.DrawFn, *, consistent: bool = False, with_overrides: bool = T
     views: dict[str, NodeView] = {}
     for n in nodes:
         ips = draw(st.lists(st.sampled_from(IPS), unique=True, max_size=len(IPS)))
-        vips = {ip: base[ip] if consistent or draw(st.booleans()) else draw(claims_st) for ip in ips}
+        vips = {
+            ip: base[ip] if consistent or draw(st.booleans()) else draw(claims_st) for ip in ips
+        }
         overrides: dict[IPv4Address, Override] = {}
         if with_overrides and draw(st.integers(0, 3)) == 0:
             ip = draw(st.sampled_from(IPS))

@@ -138,3 +138,15 @@ def test_route() -> None:
 def test_group_of() -> None:
     assert router.group_of(CFG, "gb") == "pool"
     assert router.group_of(CFG, "b1") == "default"
+
+
+@given(key=st.text(max_size=20))
+def test_group_skips_members_nobody_holds(key: str) -> None:
+    assert router.resolve(CFG, "pool", held_here=set(), key=key, available={"gb"}) == "gb"
+    # Held here beats merely available; nothing available falls back to the hash over all.
+    assert router.resolve(CFG, "pool", held_here={"gc"}, key=key, available={"gb", "gc"}) == "gc"
+    assert router.resolve(CFG, "pool", held_here=set(), key=key, available=set()) in {
+        "ga",
+        "gb",
+        "gc",
+    }

@@ -39,8 +39,11 @@ class Lab:
 
     def batch(self, ns: str, lines: list[str]) -> None:
         subprocess.run(
-            ["ip", "-n", ns, "-batch", "-"], input="".join(s + "\n" for s in lines),
-            check=True, text=True, capture_output=True,
+            ["ip", "-n", ns, "-batch", "-"],
+            input="".join(s + "\n" for s in lines),
+            check=True,
+            text=True,
+            capture_output=True,
         )
 
 
@@ -54,7 +57,21 @@ def lab(monkeypatch: pytest.MonkeyPatch) -> Iterator[Lab]:
     try:
         sh("ip", "netns", "add", lab.a)
         sh("ip", "netns", "add", lab.b)
-        sh("ip", "-n", lab.a, "link", "add", "eth1", "type", "veth", "peer", "name", "eth1", "netns", lab.b)
+        sh(
+            "ip",
+            "-n",
+            lab.a,
+            "link",
+            "add",
+            "eth1",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth1",
+            "netns",
+            lab.b,
+        )
         for ns, addr in ((lab.a, "10.9.0.1/24"), (lab.b, "10.9.0.2/24")):
             sh("ip", "-n", ns, "addr", "add", addr, "dev", "eth1")
             sh("ip", "-n", ns, "link", "set", "eth1", "up")

@@ -21,7 +21,8 @@ from duravip.plumbing.worker import backoff_delay
 ips = st.integers(0, 2**32 - 1).map(IPv4Address)
 nets = st.builds(
     lambda a, p: IPv4Network((int(a) & (0xFFFFFFFF << (32 - p)) & 0xFFFFFFFF, p)),
-    ips, st.integers(0, 32),
+    ips,
+    st.integers(0, 32),
 )
 
 
@@ -62,16 +63,28 @@ def _pyroute2_add(seq: int, ip: str, prefixlen: int, index: int) -> bytes:
     return bytes(m.data)
 
 
-@given(seq=st.integers(1, 2**31 - 1), ip=ips, prefixlen=st.integers(0, 32), index=st.integers(1, 2**31 - 1))
+@given(
+    seq=st.integers(1, 2**31 - 1),
+    ip=ips,
+    prefixlen=st.integers(0, 32),
+    index=st.integers(1, 2**31 - 1),
+)
 def test_encode_add_matches_pyroute2(seq: int, ip: IPv4Address, prefixlen: int, index: int) -> None:
-    assert rtnl.encode_addr_add(seq, ip.packed, prefixlen, index) == _pyroute2_add(seq, str(ip), prefixlen, index)
+    assert rtnl.encode_addr_add(seq, ip.packed, prefixlen, index) == _pyroute2_add(
+        seq, str(ip), prefixlen, index
+    )
 
 
 @given(seq=st.integers(1, 2**31 - 1), ip=ips, index=st.integers(1, 2**31 - 1))
 def test_encode_del_and_parse_roundtrip(seq: int, ip: IPv4Address, index: int) -> None:
-    buf = rtnl.encode_addr_del(seq, ip.packed, index) + rtnl.encode_addr_add(seq + 1, ip.packed, 24, index)
+    buf = rtnl.encode_addr_del(seq, ip.packed, index) + rtnl.encode_addr_add(
+        seq + 1, ip.packed, 24, index
+    )
     headers = list(rtnl.iter_messages(buf))
-    assert [(h.type, h.seq) for h in headers] == [(rtnl.RTM_DELADDR, seq), (rtnl.RTM_NEWADDR, seq + 1)]
+    assert [(h.type, h.seq) for h in headers] == [
+        (rtnl.RTM_DELADDR, seq),
+        (rtnl.RTM_NEWADDR, seq + 1),
+    ]
     assert rtnl.parse_addr(buf, headers[0]) == rtnl.AddrInfo(ip, index, 0)
     assert rtnl.parse_addr(buf, headers[1]) == rtnl.AddrInfo(ip, index, 24)
 
@@ -103,8 +116,10 @@ def test_garp_request_layout() -> None:
 
 def test_plan_frames_modes() -> None:
     link = LinkInfo(3, "eth1", True, MAC)
-    peers = [NeighInfo(3, IPv4Address("10.9.0.2"), bytes.fromhex("02aabbccddee")),
-             NeighInfo(3, IPv4Address("10.9.0.3"), bytes.fromhex("02aabbccddef"))]
+    peers = [
+        NeighInfo(3, IPv4Address("10.9.0.2"), bytes.fromhex("02aabbccddee")),
+        NeighInfo(3, IPv4Address("10.9.0.3"), bytes.fromhex("02aabbccddef")),
+    ]
     ps = [Placement(IPv4Address("10.9.1.5"), "eth1"), Placement(IPv4Address("10.9.1.6"), "eth9")]
     frames, skipped = plan_frames(ps, {"eth1": link}, {3: peers}, all_hosts=True)
     assert [f[1][:6] for f in frames] == [BROADCAST] and skipped == [ps[1]]
@@ -133,10 +148,17 @@ def test_cache_matches_model(events: list[tuple[bool, int, int]]) -> None:
 
 def test_cache_link_deleted() -> None:
     cache = AddressCache()
-    cache.replace([rtnl.AddrInfo(IPv4Address("10.9.1.5"), 3, 32), rtnl.AddrInfo(IPv4Address("10.9.1.6"), 4, 32)])
+    cache.replace(
+        [
+            rtnl.AddrInfo(IPv4Address("10.9.1.5"), 3, 32),
+            rtnl.AddrInfo(IPv4Address("10.9.1.6"), 4, 32),
+        ]
+    )
     dellink = struct.pack("=IHHIIBxHiII", 32, rtnl.RTM_DELLINK, 0, 0, 0, 0, 0, 3, 0, 0)
     assert cache.apply(dellink) == [3]
-    assert cache.present([IPv4Address("10.9.1.5"), IPv4Address("10.9.1.6")]) == {IPv4Address("10.9.1.6")}
+    assert cache.present([IPv4Address("10.9.1.5"), IPv4Address("10.9.1.6")]) == {
+        IPv4Address("10.9.1.6")
+    }
 
 
 def test_backoff_delay() -> None:

@@ -31,9 +31,16 @@ async def running(
     async with trio.open_nursery() as nursery:
         worker: PlumbingWorker = await nursery.start(
             lambda task_status: serve(
-                plumber=fake, managed=MANAGED, topology=TOPO, forbidden=frozenset({MAIN}),
-                announce_all_hosts=True, garp_count=garp_count, garp_interval=0.2,
-                reconcile_interval=1.0, clean_start=clean_start, task_status=task_status,
+                plumber=fake,
+                managed=MANAGED,
+                topology=TOPO,
+                forbidden=frozenset({MAIN}),
+                announce_all_hosts=True,
+                garp_count=garp_count,
+                garp_interval=0.2,
+                reconcile_interval=1.0,
+                clean_start=clean_start,
+                task_status=task_status,
             )
         )
         yield worker
@@ -113,7 +120,10 @@ async def test_retry_with_backoff(
     # 4 failures then success: waits of 0.5 + 1 + 2 + 4 s (plus at most a debounce each).
     assert len(attempts) == 5
     assert 7.5 <= elapsed <= 8.0
-    assert "plumb 10.9.1.10 on eth1 failed (attempt 4): EBUSY (injected); retrying in 4.0 s" in caplog.text
+    assert (
+        "plumb 10.9.1.10 on eth1 failed (attempt 4): EBUSY (injected); retrying in 4.0 s"
+        in caplog.text
+    )
     assert "succeeded after 4 failed attempts" in caplog.text
     assert fake.announced.count(V[0]) == 1
 

@@ -81,17 +81,18 @@ class Document:
     items: tuple[Node, ...]
 
 
+# One token after optional blanks, on a single line (no token spans lines).
+# Groups by number: 1 comment, 2 string, 3 unterminated string, 4 punctuation,
+# 5 bare word, 6 anything else; no group: end of line.
 _TOKEN_RE: Final = re.compile(
-    r"""
-    (?P<nl>\n)
-  | (?P<ws>[ \t\r\f\v;]+)
-  | (?P<comment>\#[^\n]*)
-  | (?P<string>"(?:[^"\\\n]|\\.)*")
-  | (?P<badstring>"[^\n]*)
-  | (?P<punct>[{}()=])
-  | (?P<bare>[^\s{}()="\#;\x00-\x1f\x7f]+)
-  | (?P<other>.)
-    """,
+    r"""[ \t\r\f\v;]*
+    (?: (\#.*)
+      | ("(?:[^"\\]|\\.)*")
+      | (")
+      | ([{}()=])
+      | ([^\s{}()="\#;\x00-\x1f\x7f]+)
+      | (.)
+      | $ )""",
     re.VERBOSE,
 )
 
@@ -144,35 +145,36 @@ class _Lexer:
 
     def tokens(self) -> list[_Token]:
         out: list[_Token] = []
-        line = 1
-        line_start = 0
-        for m in _TOKEN_RE.finditer(self.text):
-            kind = m.lastgroup
-            start = m.start()
-            if kind == "nl":
-                line += 1
-                line_start = start + 1
-                continue
-            if kind == "ws" or kind == "comment":
-                continue
-            col = start - line_start + 1
-            text = m.group()
-            if kind == "string":
-                out.append((_STRING, self._unescape(text[1:-1], line, col), line, col))
-            elif kind == "bare":
-                out.append((_BARE, text, line, col))
-            elif kind == "punct":
-                out.append((text, text, line, col))
-            elif kind == "badstring":
-                raise self.error(
-                    line, col, "unterminated string", 'close it with " on the same line'
-                )
-            else:
-                raise self.error(
-                    line, col, f"unexpected character {text!r}", "quote values with odd characters"
-                )
-        end_col = len(self.text) - line_start + 1
-        out.append((_EOF, "", line, end_col))
+        append = out.append
+        line = 0
+        text = ""
+        for line, text in enumerate(self.text.split("\n"), 1):
+            for m in _TOKEN_RE.finditer(text):
+                group = m.lastindex
+                if group == 5:
+                    append((_BARE, m.group(5), line, m.start(5) + 1))
+                elif group == 2:
+                    col = m.start(2) + 1
+                    append((_STRING, self._unescape(m.group(2)[1:-1], line, col), line, col))
+                elif group == 4:
+                    punct = m.group(4)
+                    append((punct, punct, line, m.start(4) + 1))
+                elif group == 3:
+                    raise self.error(
+                        line,
+                        m.start(3) + 1,
+                        "unterminated string",
+                        'close it with " on the same line',
+                    )
+                elif group == 6:
+                    raise self.error(
+                        line,
+                        m.start(6) + 1,
+                        f"unexpected character {m.group(6)!r}",
+                        "quote values with odd characters",
+                    )
+                # group 1 (comment) and None (end of line) produce nothing
+        append((_EOF, "", line, len(text) + 1))
         return out
 
 

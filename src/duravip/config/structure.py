@@ -9,6 +9,7 @@ positions of keys the model classes do not carry are kept in a side table
 from __future__ import annotations
 
 import difflib
+import functools
 import socket
 import types
 import typing
@@ -102,6 +103,20 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
+@functools.cache
+def _shape(tp: Any) -> tuple[str, Any, Any]:
+    """How to convert a field type: ("tuple", item type, None), ("literal",
+    choices, None) or ("scalar", type, cattrs hook). Cached: configs hold
+    tens of thousands of values of a handful of types."""
+    tp = _unwrap_optional(tp)
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        return ("tuple", typing.get_args(tp)[0], None)
+    if origin is Literal:
+        return ("literal", typing.get_args(tp), None)
+    return ("scalar", tp, STRUCTURE.get_structure_hook(tp))
+
+
 def _suggest(word: str, candidates: Iterable[str]) -> str | None:
     cands = list(candidates)
     by_low = {c.lower(): c for c in cands}
@@ -130,12 +145,10 @@ class _Structurer:
     # -- generic helpers ---------------------------------------------------
     def convert(self, value: Scalar | ListValue, tp: Any, key: str) -> Any:
         """Convert one raw value to ``tp``; on failure record an error, return _MISSING."""
-        tp = _unwrap_optional(tp)
-        origin = typing.get_origin(tp)
-        if origin is tuple:
-            (item_tp, *_rest) = typing.get_args(tp)
+        kind, arg, hook = _shape(tp)
+        if kind == "tuple":
             items = value.items if isinstance(value, ListValue) else (value,)
-            out = [self.convert(item, item_tp, key) for item in items]
+            out = [self.convert(item, arg, key) for item in items]
             return _MISSING if any(o is _MISSING for o in out) else tuple(out)
         if isinstance(value, ListValue):
             self.error(value.loc, f"'{key}' takes a single value, not a list")
@@ -144,18 +157,17 @@ class _Structurer:
         try:
             if key in _SPECIAL:
                 return _SPECIAL[key](text)
-            if origin is Literal:
-                choices = typing.get_args(tp)
+            if kind == "literal":
                 low = text.lower()
-                if low in choices:
+                if low in arg:
                     return low
                 self.error(
                     value.loc,
                     f"invalid value {text!r} for '{key}'",
-                    _suggest(text, [str(c) for c in choices]),
+                    _suggest(text, [str(c) for c in arg]),
                 )
                 return _MISSING
-            return STRUCTURE.structure(text, tp)
+            return hook(text, arg)
         except ValueError as exc:
             self.error(value.loc, f"invalid value for '{key}': {exc}")
             return _MISSING
@@ -520,7 +532,7 @@ class _Structurer:
                 preference=prefs.get(ip),
                 follows=follows.get(ip),
             )
-            for ip in sorted(vip_ips)
+            for ip in sorted(vip_ips, key=int)
         }
         return out_listeners, out_bindings, duravips
 

@@ -25,8 +25,20 @@ def _warn(loc: SourceLoc | None, msg: str, hint: str | None = None) -> Diagnosti
     return Diagnostic("warning", loc, msg, hint)
 
 
+#: One-entry cache for :func:`_declared_at`; it holds the config, so its id stays valid.
+_DECLARED: list[tuple[Config, dict[IPv4Address, SourceLoc | None]]] = []
+
+
 def _declared_at(config: Config) -> dict[IPv4Address, SourceLoc | None]:
     """For each DuraVIP, the first service (in file order) that makes it one."""
+    if _DECLARED and _DECLARED[0][0] is config:
+        return _DECLARED[0][1]
+    out = _compute_declared(config)
+    _DECLARED[:] = [(config, out)]
+    return out
+
+
+def _compute_declared(config: Config) -> dict[IPv4Address, SourceLoc | None]:
     decl: list[tuple[tuple[int, int], IPv4Address, SourceLoc | None]] = []
     for lst in config.listeners:
         if lst.is_duravip:
@@ -205,6 +217,12 @@ def check_bindings(config: Config, locs: Locs) -> Iterator[Diagnostic]:
     ips: dict[IPv4Address, str] = {}
     for i, b in enumerate(config.bindings):
         low = b.name.lower()
+        if low.startswith("#"):
+            yield _err(
+                b.loc,
+                f"binding name '{b.name}' is reserved",
+                "names starting with '#' are virtual bindings such as #mmove",
+            )
         if low in names:
             first = names[low]
             where = f" (first at line {first.line} col {first.col})" if first else ""
@@ -225,6 +243,23 @@ def check_bindings(config: Config, locs: Locs) -> Iterator[Diagnostic]:
                 locs.get(("binding", i, "enable_duravip"), b.loc),
                 f"binding '{b.name}' has Enable_Duravip but no Bind_Address",
             )
+
+
+def check_groups(config: Config, locs: Locs) -> Iterator[Diagnostic]:
+    """Group names must be unique and distinct from binding names: mail names either."""
+    bindings = {b.name.lower() for b in config.bindings}
+    seen: set[str] = set()
+    for g in config.groups:
+        low = g.name.lower()
+        if low in seen:
+            yield _err(g.loc, f"Binding_Group '{g.name}' given twice")
+        elif low in bindings:
+            yield _err(
+                g.loc,
+                f"Binding_Group '{g.name}' has the name of a binding",
+                "X-Binding names a binding or a group: keep the names distinct",
+            )
+        seen.add(low)
 
 
 def check_timers(config: Config, locs: Locs) -> Iterator[Diagnostic]:
@@ -252,6 +287,7 @@ RULES: tuple[Rule, ...] = (
     check_count,
     check_listeners,
     check_bindings,
+    check_groups,
     check_timers,
 )
 

@@ -119,6 +119,9 @@ class ResolverService:
         self._overrides: dict[IPv4Address, Override] = {}
         #: IPs whose acquire failed: maybe partly plumbed, released if not ours.
         self._uncertain: frozenset[IPv4Address] = frozenset()
+        #: IPs being acquired right now: announced as held *before* acquire()
+        #: so a peer that matures meanwhile waits instead of plumbing too.
+        self._claiming: frozenset[IPv4Address] = frozenset()
         self._resolver = Resolver()
         self._stable = StableMembership(self.local, config.cluster.view_mature_time)
         self._lock = trio.Lock()
@@ -147,7 +150,7 @@ class ResolverService:
             self._base,
             version=self._version,
             mature=self._mature and not self._stopping,
-            held=self.held.value,
+            held=self.held.value | self._claiming,
             overrides=dict(self._overrides),
         )
 
@@ -235,11 +238,14 @@ class ResolverService:
     async def _run(self, snapshot: AsyncValue[ClusterSnapshot]) -> None:
         while True:
             self._wake = trio.Event()
-            await self._step(snapshot.value)
+            async with self._lock:
+                # Read the snapshot only now: acquiring the lock is a checkpoint.
+                await self._step(snapshot.value)
             with trio.move_on_at(self._deadline()):
                 await self._wake.wait()
 
     async def _step(self, snap: ClusterSnapshot) -> None:
+        """Recompute and act; call with the lock held."""
         now = trio.current_time()
         if not self._mature and now >= self._mature_at:
             self._mature = True
@@ -272,8 +278,7 @@ class ResolverService:
         self.decisions.value = dict(decisions)
         if now < self._retry_at:
             return
-        async with self._lock:
-            await self._act(decisions, views, states)
+        await self._act(decisions, views, states)
 
     async def _act(
         self,
@@ -303,14 +308,23 @@ class ResolverService:
             self.held.value = held - release
             log.info("released %d IP(s)", len(release))
             self._republish()
+            if p.acquire:
+                # The world moved while we released: plan acquisitions afresh.
+                self._wake.set()
+                return
         if p.acquire:
+            self._claiming = p.acquire
+            self._republish()
             try:
                 got = await self._actuator.acquire(p.acquire)
             except Exception:
                 log.exception("actuator acquire of %d IP(s) failed", len(p.acquire))
                 self._uncertain |= p.acquire
+                self._claiming = frozenset()
+                self._republish()
                 self._failed(p.acquire)
                 return
+            self._claiming = frozenset()
             got = got & p.acquire
             done = trio.current_time()
             self._uncertain = (self._uncertain - got) | (p.acquire - got)

@@ -348,7 +348,7 @@ class Resolver:
                     inf.preferred,
                     inf.states,
                     cands,
-                    f"preferred node {inf.preferred}",
+                    "; ".join([f"preferred node {inf.preferred}", *notes]),
                     inf.preferred,
                     follows,
                     None,

@@ -353,12 +353,14 @@ def decode(data: bytes) -> NodeView:
         mmove = HostPort(IPv4Address(host), port)
     stable_since, booted_at = (float(x) for x in r.unpack("<dd"))
     section = r.take(r.u32())
-    vr = _Reader(section)
-    vips = _decode_vips(vr)
-    if vr.pos != len(section):
-        raise ViewDecodeError("trailing bytes in vips section")
-    shared = _intern_vips(section, vips)
-    assert shared is not None
+    shared = _intern_vips(section, None)
+    if shared is None:
+        vr = _Reader(section)
+        vips = _decode_vips(vr)
+        if vr.pos != len(section):
+            raise ViewDecodeError("trailing bytes in vips section")
+        shared = _intern_vips(section, vips)
+        assert shared is not None
     nheld = r.u32()
     if 4 * nheld > len(body):
         raise ViewDecodeError("held count too large")

@@ -95,9 +95,21 @@ def _score(key: str, binding: str) -> int:
     return xxhash.xxh64_intdigest(f"{key}\0{binding}".encode())
 
 
-def resolve(config: Config, requested: str, *, held_here: Collection[str], key: str) -> str:
-    """Concrete binding for ``requested``: a group picks a member this node holds first,
-    else the member with the highest stable hash of ``key`` (the message's mmove id)."""
+def resolve(
+    config: Config,
+    requested: str,
+    *,
+    held_here: Collection[str],
+    key: str,
+    available: Collection[str] | None = None,
+) -> str:
+    """Concrete binding for ``requested``.
+
+    A group picks among the members this node holds; failing that, among the
+    ``available`` ones (held by some node; ``None``: all), failing that, among
+    all. Within that set, the highest stable hash of ``key`` (the message's
+    mmove id) wins, so every node picks the same one.
+    """
     if requested == DEFAULT:
         return DEFAULT
     b = config.binding(requested)
@@ -109,7 +121,8 @@ def resolve(config: Config, requested: str, *, held_here: Collection[str], key: 
             if not members:
                 return DEFAULT
             local = [m for m in members if m in held_here]
-            pool = local or members
+            up = members if available is None else [m for m in members if m in available]
+            pool = local or up or members
             return max(pool, key=lambda m: _score(key, m))
     return DEFAULT
 
@@ -123,6 +136,7 @@ def reassign(
     held_here: Collection[str],
     key: str,
     unconditional: bool,
+    available: Collection[str] | None = None,
 ) -> str:
     """Binding after a DuraVIP move: every message re-resolves when ``unconditional``,
     otherwise only those whose current binding moved (or no longer exists)."""
@@ -131,7 +145,7 @@ def reassign(
         or current in moved
         or (current != DEFAULT and config.binding(current) is None)
     ):
-        return resolve(config, requested, held_here=held_here, key=key)
+        return resolve(config, requested, held_here=held_here, key=key, available=available)
     return current
 
 

@@ -145,6 +145,10 @@ class MailService:
             b.name for b in self.config.bindings if self.route_of(b.name)[0] == "local"
         )
 
+    def available(self) -> frozenset[str]:
+        """Bindings some node can send from now (held here, held elsewhere, or static)."""
+        return frozenset(b.name for b in self.config.bindings if self.route_of(b.name)[0] != "wait")
+
     def route_of(self, binding: str) -> router.Route:
         if binding != DEFAULT and binding not in self._dv:
             return ("local", None)
@@ -192,7 +196,9 @@ class MailService:
         """Assign a binding, store durably, return the queue id (the SMTP ``250``)."""
         qid = new_queue_id()
         requested = router.requested_for(self.config, env.local, env.data)
-        binding = router.resolve(self.config, requested, held_here=self.held_here(), key=qid)
+        binding = router.resolve(
+            self.config, requested, held_here=self.held_here(), key=qid, available=self.available()
+        )
         try:
             await self.spool.store(
                 NewMessage(
@@ -221,9 +227,12 @@ class MailService:
         self._rebind_all = False
         self._rebind_moved = set()
         held = self.held_here()
+        up = self.available()
         changes: list[tuple[str, str]] = []
+        skipped = False
         for m in self.spool.iter():
             if m.id in self._inflight:
+                skipped = True
                 continue
             new = router.reassign(
                 self.config,
@@ -233,9 +242,14 @@ class MailService:
                 held_here=held,
                 key=m.mmove_id,
                 unconditional=everything,
+                available=up,
             )
             if new != m.binding:
                 changes.append((m.id, new))
+        if skipped:
+            # In-flight messages are re-assigned once their worker is done (it wakes us).
+            self._rebind_all |= everything
+            self._rebind_moved |= moved
         if not changes:
             return
         log.info("rebind: %d message(s) re-assigned", len(changes))

@@ -40,7 +40,9 @@ class FakePlumber:
         self.closed = False
 
     # -- fault injection -------------------------------------------------
-    def fail_ip(self, ip: IPv4Address, error: str = "injected failure", times: int | None = 1) -> None:
+    def fail_ip(
+        self, ip: IPv4Address, error: str = "injected failure", times: int | None = 1
+    ) -> None:
         """Make plumb/unplumb of ``ip`` fail ``times`` times (None: until cleared)."""
         self._ip_failures[ip] = (error, times)
 

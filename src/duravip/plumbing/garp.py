@@ -38,13 +38,28 @@ _ARP = struct.Struct("!6s6sHHHBBH6s4s6s4s")
 
 
 def arp_frame(
-    *, op: int, dst_mac: bytes, src_mac: bytes, sender_ip: IPv4Address,
-    target_mac: bytes, target_ip: IPv4Address,
+    *,
+    op: int,
+    dst_mac: bytes,
+    src_mac: bytes,
+    sender_ip: IPv4Address,
+    target_mac: bytes,
+    target_ip: IPv4Address,
 ) -> bytes:
     """An Ethernet ARP frame, padded to the 60-byte minimum."""
     frame = _ARP.pack(
-        dst_mac, src_mac, ETH_P_ARP, 1, 0x0800, 6, 4, op,
-        src_mac, sender_ip.packed, target_mac, target_ip.packed,
+        dst_mac,
+        src_mac,
+        ETH_P_ARP,
+        1,
+        0x0800,
+        6,
+        4,
+        op,
+        src_mac,
+        sender_ip.packed,
+        target_mac,
+        target_ip.packed,
     )
     return frame.ljust(60, b"\x00")
 
@@ -52,16 +67,24 @@ def arp_frame(
 def garp_request(mac: bytes, ip: IPv4Address) -> bytes:
     """Broadcast gratuitous ARP request: "ip is at mac", sender = target = ip."""
     return arp_frame(
-        op=ARP_REQUEST, dst_mac=BROADCAST, src_mac=mac, sender_ip=ip,
-        target_mac=ZERO_MAC, target_ip=ip,
+        op=ARP_REQUEST,
+        dst_mac=BROADCAST,
+        src_mac=mac,
+        sender_ip=ip,
+        target_mac=ZERO_MAC,
+        target_ip=ip,
     )
 
 
 def unicast_reply(mac: bytes, ip: IPv4Address, peer: NeighInfo) -> bytes:
     """Unicast ARP reply to one known neighbour: "ip is at mac"."""
     return arp_frame(
-        op=ARP_REPLY, dst_mac=peer.mac, src_mac=mac, sender_ip=ip,
-        target_mac=peer.mac, target_ip=peer.ip,
+        op=ARP_REPLY,
+        dst_mac=peer.mac,
+        src_mac=mac,
+        sender_ip=ip,
+        target_mac=peer.mac,
+        target_ip=peer.ip,
     )
 
 

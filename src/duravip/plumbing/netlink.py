@@ -30,9 +30,7 @@ log = logging.getLogger("duravip.plumbing")
 class NetlinkPlumber:
     """:class:`~duravip.plumbing.base.Plumber` on the kernel. Build it with :func:`open_netlink_plumber`."""
 
-    def __init__(
-        self, nl: NetlinkSocket, garp: GarpSender, cache: AddressCache | None
-    ) -> None:
+    def __init__(self, nl: NetlinkSocket, garp: GarpSender, cache: AddressCache | None) -> None:
         self._nl = nl
         self._garp = garp
         self.cache = cache
@@ -51,7 +49,7 @@ class NetlinkPlumber:
         return self._links
 
     async def plumb(self, placements: Sequence[Placement]) -> Results:
-        links = await self._resolve(placements)
+        links = await self.refresh_links()  # a fresh up/down state: links are few
         out: dict[IPv4Address, str | None] = {}
         todo: list[tuple[Placement, int]] = []
         for p in placements:
@@ -64,17 +62,15 @@ class NetlinkPlumber:
                 todo.append((p, link.index))
         codes = await self._nl.batch(
             len(todo),
-            lambda i, seq: rtnl.encode_addr_add(seq, todo[i][0].ip.packed, todo[i][0].prefixlen, todo[i][1]),
+            lambda i, seq: rtnl.encode_addr_add(
+                seq, todo[i][0].ip.packed, todo[i][0].prefixlen, todo[i][1]
+            ),
         )
-        stale = False
         for (p, _), code in zip(todo, codes, strict=True):
             if code in (0, errno.EEXIST):
                 out[p.ip] = None
             else:
-                stale = stale or code == errno.ENODEV
                 out[p.ip] = f"add {p.ip}/{p.prefixlen} on {p.interface}: {_strerror(code)}"
-        if stale:
-            await self.refresh_links()
         return out
 
     async def unplumb(self, placements: Sequence[Placement]) -> Results:
@@ -147,7 +143,7 @@ class NetlinkPlumber:
         )
 
     async def announce(self, placements: Sequence[Placement], *, all_hosts: bool) -> None:
-        links = await self._resolve(placements)
+        links = await self.refresh_links()  # a fresh up/down state: links are few
         neighbours: dict[int, list[rtnl.NeighInfo]] = {}
         if not all_hosts:
             for n in rtnl.parse_neighbours(await self._nl.dump(rtnl.RTM_GETNEIGH)):
@@ -156,7 +152,9 @@ class NetlinkPlumber:
         if skipped:
             log.warning(
                 "gratuitous ARP skipped for %d IPs: interface missing (e.g. %s on %s)",
-                len(skipped), skipped[0].ip, skipped[0].interface,
+                len(skipped),
+                skipped[0].ip,
+                skipped[0].interface,
             )
         await self._garp.send(frames)
 
@@ -188,7 +186,9 @@ async def open_netlink_plumber(
     Refuses the root namespace when ``DURAVIP_REQUIRE_NETNS=1``.
     """
     nl = NetlinkSocket(open_route_socket(netns), window=window)
-    plumber = NetlinkPlumber(nl, GarpSender(netns, rate=garp_rate), AddressCache() if use_iflist_cache else None)
+    plumber = NetlinkPlumber(
+        nl, GarpSender(netns, rate=garp_rate), AddressCache() if use_iflist_cache else None
+    )
     try:
         await plumber.refresh_links()
         if plumber.cache is None:

@@ -59,8 +59,6 @@ def open_socket(netns: str | None, family: int, type_: int, proto: int = 0) -> s
     check_netns(netns)
     if netns is None:
         return socket.socket(family, type_, proto)
-    sock = pr_netns.create_socket(
-        netns, family=family, socket_type=type_, proto=proto, flags=0
-    )
+    sock = pr_netns.create_socket(netns, family=family, socket_type=type_, proto=proto, flags=0)
     assert isinstance(sock, socket.socket)
     return sock

@@ -81,6 +81,9 @@ class NetlinkSocket:
                     await self._send(data)
                     sent += k
                     pending += k
+                    # The kernel did the work inside send(); let other tasks
+                    # (gossip!) run between chunks of a 10,240-address batch.
+                    await trio.lowlevel.checkpoint()
                 try:
                     buf = await self._recv()
                 except OSError as exc:

@@ -62,16 +62,41 @@ _ERR = struct.Struct("=i")
 def encode_addr_add(seq: int, ip: bytes, prefixlen: int, index: int) -> bytes:
     """RTM_NEWADDR with IFA_LOCAL = IFA_ADDRESS = ip; EXCL so EEXIST reports "already there"."""
     return _ADDR_ADD.pack(
-        _ADDR_ADD.size, RTM_NEWADDR, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
-        seq, 0, socket.AF_INET, prefixlen, 0, 0, index, 8, IFA_LOCAL, ip, 8, IFA_ADDRESS, ip,
+        _ADDR_ADD.size,
+        RTM_NEWADDR,
+        NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+        seq,
+        0,
+        socket.AF_INET,
+        prefixlen,
+        0,
+        0,
+        index,
+        8,
+        IFA_LOCAL,
+        ip,
+        8,
+        IFA_ADDRESS,
+        ip,
     )
 
 
 def encode_addr_del(seq: int, ip: bytes, index: int) -> bytes:
     """RTM_DELADDR matching on IFA_LOCAL only, so any prefix length is removed."""
     return _ADDR_DEL.pack(
-        _ADDR_DEL.size, RTM_DELADDR, NLM_F_REQUEST | NLM_F_ACK,
-        seq, 0, socket.AF_INET, 0, 0, 0, index, 8, IFA_LOCAL, ip,
+        _ADDR_DEL.size,
+        RTM_DELADDR,
+        NLM_F_REQUEST | NLM_F_ACK,
+        seq,
+        0,
+        socket.AF_INET,
+        0,
+        0,
+        0,
+        index,
+        8,
+        IFA_LOCAL,
+        ip,
     )
 
 

@@ -75,7 +75,9 @@ class PlumbingWorker:
         self._lock = trio.Lock()
         self._wake = trio.Event()
         #: What is on the interfaces now (managed IPs only).
-        self.present: trio_util.AsyncValue[frozenset[IPv4Address]] = trio_util.AsyncValue(frozenset())
+        self.present: trio_util.AsyncValue[frozenset[IPv4Address]] = trio_util.AsyncValue(
+            frozenset()
+        )
         #: IPs whose last attempt failed, with the retry schedule and the error.
         self.failures: dict[IPv4Address, Backoff] = {}
         self.reconciles = 0
@@ -155,9 +157,7 @@ class PlumbingWorker:
             extra = (actual & self._managed) - self._desired
             retire = actual & self._retire
             due_extra = [ip for ip in sorted(extra | retire) if self._due(ip, now)]
-            to_unplumb = [
-                place(ip, self._topology) or Placement(ip, "", 32) for ip in due_extra
-            ]
+            to_unplumb = [place(ip, self._topology) or Placement(ip, "", 32) for ip in due_extra]
             for ip in sorted(extra):
                 if ip not in self.failures:
                     log.info("%s is plumbed but not wanted here; removing it", ip)
@@ -223,7 +223,12 @@ class PlumbingWorker:
         self.failures[p.ip] = Backoff(attempts, trio.current_time() + delay, error)
         log.warning(
             "%s %s on %s failed (attempt %d): %s; retrying in %.1f s",
-            op, p.ip, p.interface or "?", attempts, error, delay,
+            op,
+            p.ip,
+            p.interface or "?",
+            attempts,
+            error,
+            delay,
         )
 
     def _succeeded(self, op: str, p: Placement) -> None:
@@ -312,9 +317,15 @@ async def serve(
     """Run the worker: clean slate first (``clean_start``), then reconcile forever."""
     async with trio.open_nursery() as nursery:
         worker = PlumbingWorker(
-            plumber=plumber, managed=managed, topology=topology, forbidden=forbidden,
-            announce_all_hosts=announce_all_hosts, garp_count=garp_count,
-            garp_interval=garp_interval, nursery=nursery, reconcile_interval=reconcile_interval,
+            plumber=plumber,
+            managed=managed,
+            topology=topology,
+            forbidden=forbidden,
+            announce_all_hosts=announce_all_hosts,
+            garp_count=garp_count,
+            garp_interval=garp_interval,
+            nursery=nursery,
+            reconcile_interval=reconcile_interval,
         )
         if clean_start:
             await clean_slate(plumber, worker.managed, topology)

@@ -1,0 +1,267 @@
+"""End to end: three real daemons in the netns lab, real clients, a real kernel.
+
+One cluster serves the whole module; every test leaves it as it found it
+(all nodes running, no faults, every VIP on its preferred node), and the
+fixture tears the lab down whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "netns-lab"))
+
+from scenario import (  # noqa: E402
+    HolderSampler,
+    Prober,
+    send_mail,
+    wait_converged,
+    wait_delivered,
+)
+
+pytestmark = pytest.mark.lab
+
+VIPS = ["10.1.1.1", "10.1.1.2", "10.1.1.3", "10.1.1.101", "10.1.1.102", "10.1.2.1"]
+PREFERRED = {"10.1.1.1": "n1", "10.1.1.2": "n2", "10.1.1.3": "n3", "10.1.2.1": "n1"}
+#: Correctness bound, not a benchmark: scripts/bench-failover measures the real figure.
+FAILOVER_BOUND_MS = 5000
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Any]:
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("lab tests need root")
+    import duravip_lab
+
+    name = f"e{os.getpid() % 1000:03d}"
+    lab = duravip_lab.Lab(name)
+    try:
+        lab.up(nodes=3, vips=3, profile="fast")
+        lab.start()
+        wait_converged(lab, VIPS, timeout=30, expect=PREFERRED)
+        yield lab
+    finally:
+        for n in lab.nodes if lab.exists() else []:
+            log = lab.log_path(n)
+            if log.exists():
+                tail = log.read_text(errors="replace").splitlines()[-15:]
+                print(f"--- {n} daemon.log (tail)\n" + "\n".join(tail), file=sys.stderr)
+        lab.down()
+
+
+@pytest.fixture
+def healthy(lab: Any) -> Iterator[Any]:
+    """Restore the lab after each test: heal, every node running, VIPs on preferred nodes."""
+    yield lab
+    lab.heal()
+    for n in lab.nodes:
+        if not lab.running(n):
+            lab.revive(n)
+        elif lab.proc_state(n) == "T":
+            lab.resume(n)
+    wait_converged(lab, VIPS, timeout=30, expect=PREFERRED)
+
+
+def show(lab: Any, node: str) -> dict[str, Any]:
+    p = lab.console(node, "--json", "cluster", "duravip", "show")
+    assert p.returncode == 0, p.stderr
+    data: dict[str, Any] = json.loads(p.stdout)
+    return {d["ip"]: d for d in data["duravips"]}
+
+
+def banner_node(lab: Any, ip: str) -> str | None:
+    recs = lab.probe(ip, seconds=0.01, interval=0.01, timeout=1.0)
+    ok = [r for r in recs if r["ok"]]
+    return ok[0]["node"] if ok else None
+
+
+def test_every_vip_held_once_preferences_and_banners(healthy: Any) -> None:
+    lab = healthy
+    held = wait_converged(lab, VIPS, timeout=5, expect=PREFERRED)
+    # Follow listener shares its binding's node.
+    assert held["10.1.2.1"] == held["10.1.1.1"]
+    for ip in VIPS:
+        assert banner_node(lab, ip) == held[ip], ip
+    table = show(lab, "n2")
+    for ip in VIPS:
+        assert table[ip]["owner"] == held[ip]
+        assert table[ip]["holders"] == [held[ip]]
+        assert table[ip]["states"] == []
+
+
+def test_console_commands(healthy: Any) -> None:
+    lab = healthy
+    p = lab.console("n1", "cluster", "membership")
+    assert p.returncode == 0 and re.search(r"n2\s+\S+\s+alive", p.stdout), p.stdout
+    p = lab.console("n1", "--json", "cluster", "duravip", "explain", "10.1.1.2")
+    data = json.loads(p.stdout)
+    assert data["decision"]["owner"] == "n2"
+    assert {c["node"] for c in data["nodes"]} == {"n1", "n2", "n3"}
+    p = lab.console("n3", "metrics")
+    assert "duravip_members" in p.stdout and "duravip_ips_held 1" in p.stdout
+    p = lab.console("n3", "cluster", "duravip", "explain", "nonsense")
+    assert p.returncode == 1
+
+
+def test_mail_follow_and_mmove_delivered_once_from_binding_ip(healthy: Any) -> None:
+    lab = healthy
+    ids_follow = send_mail(lab, "10.1.2.1", subject="follow", count=3)
+    ids_mmove = send_mail(lab, "10.1.1.2", subject="mmove", headers={"X-Binding": "duravip-3"}, count=3)
+    seen = wait_delivered(lab, ids_follow + ids_mmove, timeout=30)
+    time.sleep(1.0)  # a duplicate would arrive now
+    seen = wait_delivered(lab, ids_follow + ids_mmove, timeout=1)
+    for i in ids_follow:
+        assert [r["peer_ip"] for r in seen[i]] == ["10.1.1.1"]
+    for i in ids_mmove:
+        assert [r["peer_ip"] for r in seen[i]] == ["10.1.1.3"]
+
+
+def test_crash_failover_then_failback_without_double_holders(healthy: Any) -> None:
+    lab = healthy
+    prober = Prober(lab, "10.1.1.2", seconds=3.0).start()
+    time.sleep(0.3)
+    fault = time.time()
+    lab.crash("n2")
+    prober.join()
+    ms = prober.failover_ms(fault)
+    assert ms is not None and ms < FAILOVER_BOUND_MS, prober.records[-5:]
+    held = wait_converged(lab, VIPS, timeout=10, nodes=["n1", "n3"])
+    assert held["10.1.1.2"] in ("n1", "n3")
+
+    with HolderSampler(lab) as sampler:
+        prober = Prober(lab, "10.1.1.2", seconds=5.0).start()
+        lab.revive("n2")
+        wait_converged(lab, VIPS, timeout=20, expect=PREFERRED)
+        prober.join()
+    assert sampler.double_holder_samples() == []
+    assert prober.failed() == 0, [r for r in prober.records if not r["ok"]][:5]
+
+
+def test_graceful_stop_never_two_holders(healthy: Any) -> None:
+    lab = healthy
+    with HolderSampler(lab) as sampler:
+        assert lab.stop("n3")
+        held = wait_converged(lab, VIPS, timeout=10, nodes=["n1", "n2"])
+        assert held["10.1.1.3"] in ("n1", "n2")
+        lab.start("n3")
+        wait_converged(lab, VIPS, timeout=20, expect=PREFERRED)
+    assert sampler.double_holder_samples() == []
+
+
+def test_kill_process_only(healthy: Any) -> None:
+    """SIGKILL leaves the addresses on n3's interface; the others take over and re-announce."""
+    lab = healthy
+    prober = Prober(lab, "10.1.1.3", seconds=3.0).start()
+    time.sleep(0.3)
+    fault = time.time()
+    lab.kill("n3")
+    prober.join()
+    ms = prober.failover_ms(fault)
+    assert ms is not None and ms < FAILOVER_BOUND_MS
+    assert "10.1.1.3" in lab.holds("n3")  # nobody cleaned up after the dead daemon...
+    lab.start("n3")  # ...until it restarts: clean slate
+    wait_converged(lab, VIPS, timeout=20, expect=PREFERRED)
+
+
+def test_pause_three_seconds_then_resume(healthy: Any) -> None:
+    lab = healthy
+    lab.pause("n1")
+    time.sleep(3.0)
+    # While n1 is frozen its VIPs are served by another node.
+    recs = [r for r in lab.probe("10.1.1.1", seconds=0.2, interval=0.05, timeout=0.5) if r["ok"]]
+    assert recs and recs[-1]["node"] in ("n2", "n3")
+    lab.resume("n1")
+    # It refutes its death, the non-owner releases, the preferred node serves again.
+    wait_converged(lab, VIPS, timeout=15, expect=PREFERRED)
+    assert banner_node(lab, "10.1.1.1") == "n1"
+
+
+def test_partition_then_heal_single_holder_within_a_second(healthy: Any) -> None:
+    lab = healthy
+    lab.partition(["n1"], ["n2", "n3"])
+    time.sleep(2.0)
+    lab.heal()
+    healed = time.monotonic()
+    wait_converged(lab, VIPS, timeout=10, expect=PREFERRED)
+    settle = time.monotonic() - healed
+    for ip in VIPS:
+        assert banner_node(lab, ip) == PREFERRED.get(ip, banner_node(lab, ip)), ip
+    assert settle < 5.0
+
+
+def _edit(lab: Any, node: str, old: str, new: str) -> str:
+    path = lab.config_path(node)
+    text = path.read_text()
+    assert old in text, old
+    path.write_text(text.replace(old, new))
+    return text
+
+
+def test_conflict_unsafe_broken_and_settle_after_reload(healthy: Any) -> None:
+    lab = healthy
+    originals = {
+        "n2": _edit(lab, "n2", 'Bind_Address = "10.1.1.1"  Duravip_Preference = "n1"',
+                    'Bind_Address = "10.1.1.1"  Duravip_Preference = "n2"'),
+        "n3": _edit(lab, "n3", 'Listen "10.1.1.3:25" { Enable_Duravip = true }\n', ""),
+        "n1": _edit(lab, "n1", 'Binding "duravip-2" {', 'Binding "duravip-2x" {'),
+    }
+    try:
+        for n in ("n1", "n2", "n3"):
+            p = lab.console(n, "config", "reload")
+            assert p.returncode == 0, p.stderr
+            lab.console(n, "broadcast", "cluster", "duravip", "announce", "view")
+        deadline = time.monotonic() + 10
+        while True:
+            table = show(lab, "n1")
+            states = {ip: set(table[ip]["states"]) for ip in ("10.1.1.1", "10.1.1.2", "10.1.1.3")}
+            if (
+                "CONFLICT" in states["10.1.1.1"]
+                and "BROKEN" in states["10.1.1.2"]
+                and "UNSAFE" in states["10.1.1.3"]
+            ) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert "CONFLICT" in states["10.1.1.1"], table["10.1.1.1"]
+        assert "BROKEN" in states["10.1.1.2"], table["10.1.1.2"]
+        assert "UNSAFE" in states["10.1.1.3"], table["10.1.1.3"]
+        assert table["10.1.1.2"]["owner"] is None
+        time.sleep(1.0)
+        assert not any("10.1.1.2" in lab.holds(n) for n in lab.nodes)  # BROKEN: nobody serves it
+    finally:
+        for n, text in originals.items():
+            lab.config_path(n).write_text(text)
+        for n in ("n1", "n2", "n3"):
+            lab.console(n, "config", "reload")
+            lab.console(n, "broadcast", "cluster", "duravip", "announce", "view")
+    wait_converged(lab, VIPS, timeout=15, expect=PREFERRED)
+    deadline = time.monotonic() + 10
+    while any(show(lab, "n1")[ip]["states"] for ip in VIPS) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert all(not show(lab, "n1")[ip]["states"] for ip in VIPS)
+
+
+def test_mail_before_and_during_crash_delivered_exactly_once(healthy: Any) -> None:
+    lab = healthy
+    before = send_mail(lab, "10.1.2.1", subject="before crash", count=5)
+    lab.crash("n1")
+    held = wait_converged(lab, VIPS, timeout=10, nodes=["n2", "n3"])
+    during = send_mail(lab, "10.1.2.1", subject="during crash", count=5)
+    lab.revive("n1")
+    wait_converged(lab, VIPS, timeout=20, expect=PREFERRED)
+    seen = wait_delivered(lab, before + during, timeout=60)
+    time.sleep(1.0)
+    seen = wait_delivered(lab, before + during, timeout=1)
+    assert all(len(v) == 1 for v in seen.values()), {k: len(v) for k, v in seen.items()}
+    assert {r["peer_ip"] for v in seen.values() for r in v} == {"10.1.1.1"}
+    assert held["10.1.2.1"] == held["10.1.1.1"]

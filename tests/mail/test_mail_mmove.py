@@ -1,0 +1,261 @@
+"""mmove between two MailService instances on 127.0.0.1 / 127.0.0.2."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
+
+from duravip.config.model import Config, HostPort
+from duravip.mail import mmove_auth as auth
+from duravip.mail.mmove import client_preamble, server_preamble
+from duravip.mail.router import MailqRow
+from duravip.mail.service import MailService, serve
+
+from .conftest import Recorder, closed_port, envelope, mail_config
+
+Keys = Callable[[], list[bytes]]
+
+
+async def _until(pred: Callable[[], bool]) -> None:
+    while not pred():
+        await trio.sleep(0.01)
+
+
+async def _start(nursery: trio.Nursery, cfg: Config, node: str, keys: Keys) -> MailService:
+    svc: MailService = await nursery.start(
+        lambda task_status: serve(config=cfg, node_name=node, keyring_keys=keys, task_status=task_status)
+    )
+    return svc
+
+
+class Pair:
+    def __init__(self, a: MailService, b: MailService) -> None:
+        self.a, self.b = a, b
+
+    def holders(self, mapping: dict[str, str | None]) -> None:
+        peers = {"n1": self.a.cluster_address, "n2": self.b.cluster_address}
+        assert peers["n1"] is not None and peers["n2"] is not None
+        self.a.set_holders(mapping, local="n1", peers=peers)  # type: ignore[arg-type]
+        self.b.set_holders(mapping, local="n2", peers=peers)  # type: ignore[arg-type]
+
+
+async def _pair(
+    nursery: trio.Nursery,
+    tmp: Path,
+    keys_a: Keys,
+    keys_b: Keys,
+    smarthost_a: HostPort | None,
+    smarthost_b: HostPort | None,
+    **kw: object,
+) -> Pair:
+    a = await _start(
+        nursery,
+        mail_config(tmp / "a", node="n1", smarthost=smarthost_a, cluster_ip="127.0.0.1", **kw),  # type: ignore[arg-type]
+        "n1",
+        keys_a,
+    )
+    b = await _start(
+        nursery,
+        mail_config(tmp / "b", node="n2", smarthost=smarthost_b, cluster_ip="127.0.0.2", **kw),  # type: ignore[arg-type]
+        "n2",
+        keys_b,
+    )
+    return Pair(a, b)
+
+
+async def test_move_then_delivery_from_the_holder(
+    tmp_path: Path, smarthost: tuple[HostPort, Recorder], keys: Keys
+) -> None:
+    addr, rec = smarthost
+    with trio.fail_after(20):
+        async with trio.open_nursery() as n:
+            p = await _pair(n, tmp_path, keys, keys, closed_port(), addr)
+            p.holders({"b1": "n2", "ga": None, "gb": None})
+            for _ in range(5):
+                await p.a.sink.accept(envelope("b1", rcpt=3))
+            await rec.wait_for(5)
+            await _until(lambda: len(p.a.spool) == 0 and len(p.b.spool) == 0)
+            n.cancel_scope.cancel()
+    assert {m.peer[0] for m in rec.messages} == {"127.0.0.2"}
+    assert all(len(m.rcpt_to) == 3 for m in rec.messages)
+    assert p.a.counters["mmove_sent"] == 5 and p.b.counters["mmove_received"] == 5
+    assert p.b.counters["mmove_dup"] == 0
+
+
+async def test_wrong_key_is_refused(tmp_path: Path, keys: Keys) -> None:
+    other = [os.urandom(32)]
+    with trio.fail_after(20):
+        async with trio.open_nursery() as n:
+            p = await _pair(n, tmp_path, keys, lambda: other, closed_port(), closed_port(),
+                            retry_base=5.0)
+            p.holders({"b1": "n2", "ga": None, "gb": None})
+            await p.a.sink.accept(envelope("b1"))
+            await _until(lambda: p.b.counters["mmove_auth_failed"] >= 1)
+            await _until(lambda: p.a.counters["mmove_failed"] >= 1)
+            assert len(p.a.spool) == 1 and len(p.b.spool) == 0
+            assert MailqRow("default", "#mmove", 0, 1) in p.a.mailq()
+            n.cancel_scope.cancel()
+
+
+async def test_key_rotation_receiver_tries_every_key(tmp_path: Path, keys: Keys) -> None:
+    both = [os.urandom(32), keys()[0]]  # receiver's primary differs; sender's key is second
+    with trio.fail_after(20):
+        async with trio.open_nursery() as n:
+            p = await _pair(n, tmp_path, keys, lambda: both, closed_port(), closed_port(),
+                            retry_base=5.0)
+            p.holders({"b1": "n2", "ga": None, "gb": None})
+            await p.a.sink.accept(envelope("b1"))
+            await _until(lambda: p.b.counters["mmove_received"] == 1)
+            n.cancel_scope.cancel()
+
+
+async def test_retry_after_lost_reply_is_deduplicated(
+    tmp_path: Path, smarthost: tuple[HostPort, Recorder], keys: Keys
+) -> None:
+    addr, rec = smarthost
+    with trio.fail_after(20):
+        async with trio.open_nursery() as n:
+            p = await _pair(n, tmp_path, keys, keys, closed_port(), addr)
+            dropped: list[str] = []
+
+            def fault(key: str) -> bool:
+                if dropped:
+                    return False
+                dropped.append(key)
+                return True
+
+            p.b.receiver.fault_after_store = fault
+            p.holders({"b1": "n2", "ga": None, "gb": None})
+            qid = await p.a.sink.accept(envelope("b1"))
+            await _until(lambda: len(p.a.spool) == 0)
+            await rec.wait_for(1)
+            await _until(lambda: len(p.b.spool) == 0)
+            await trio.sleep(0.2)  # give a duplicate the chance to show up
+            n.cancel_scope.cancel()
+    assert dropped == [f"{qid}/{qid}"]
+    assert p.a.counters["mmove_failed"] >= 1
+    assert p.b.counters["mmove_received"] == 1 and p.b.counters["mmove_dup"] == 1
+    assert len(rec.messages) == 1
+
+
+async def test_whole_queue_follows_a_binding_move(
+    tmp_path: Path, smarthost: tuple[HostPort, Recorder], keys: Keys
+) -> None:
+    addr, rec = smarthost
+    with trio.fail_after(20):
+        async with trio.open_nursery() as n:
+            # n1 holds b1 but cannot reach its smarthost: the queue builds up there.
+            p = await _pair(n, tmp_path, keys, keys, closed_port(), addr, retry_base=5.0)
+            p.holders({"b1": "n1", "ga": None, "gb": None})
+            for _ in range(20):
+                await p.a.sink.accept(envelope("b1"))
+            await _until(lambda: p.a.counters["deferred"] >= 20)
+            assert p.a.mailq()[1] == MailqRow("default", "b1", 0, 20)
+            p.holders({"b1": "n2", "ga": None, "gb": None})
+            await rec.wait_for(20)
+            await _until(lambda: len(p.a.spool) == 0 and len(p.b.spool) == 0)
+            n.cancel_scope.cancel()
+    assert {m.peer[0] for m in rec.messages} == {"127.0.0.2"}
+    assert p.a.counters["mmove_sent"] == 20
+
+
+async def test_group_rebind_moves_to_the_new_member_holder(
+    tmp_path: Path, smarthost: tuple[HostPort, Recorder], keys: Keys
+) -> None:
+    addr, rec = smarthost
+    with trio.fail_after(20):
+        async with trio.open_nursery() as n:
+            p = await _pair(n, tmp_path, keys, keys, closed_port(), addr, retry_base=5.0)
+            # n1 holds ga (unreachable smarthost), so pool mail is assigned to ga and sits there.
+            p.holders({"b1": None, "ga": "n1", "gb": None})
+            for _ in range(4):
+                await p.a.sink.accept(envelope("pool"))
+            assert {m.binding for m in p.a.spool.iter()} == {"ga"}
+            # ga vanishes, gb appears on n2: unconditional rebind re-resolves the group.
+            p.holders({"b1": None, "ga": None, "gb": "n2"})
+            await rec.wait_for(4)
+            n.cancel_scope.cancel()
+    assert {m.peer[0] for m in rec.messages} == {"127.0.0.4"}
+
+
+async def test_hand_over_on_shutdown(tmp_path: Path, keys: Keys) -> None:
+    with trio.fail_after(20):
+        async with trio.open_nursery() as n:
+            p = await _pair(n, tmp_path, keys, keys, closed_port(), closed_port(),
+                            retry_base=30.0, retry_max=30.0)
+            # Peers unknown at first: the messages wait under #mmove.
+            p.a.set_holders({"b1": "n2", "ga": None, "gb": None}, local="n1",
+                            peers={"n2": closed_port()})
+            for _ in range(10):
+                await p.a.sink.accept(envelope("b1"))
+            await _until(lambda: p.a.counters["mmove_failed"] >= 1)
+            assert len(p.a.spool) == 10
+            # The real address appears, but the backoff (30 s) holds the scheduler back.
+            p.a.peers["n2"] = p.b.cluster_address  # type: ignore[assignment]
+            await p.a.hand_over(5.0)
+            assert len(p.a.spool) == 0
+            assert len(p.b.spool) == 10
+            n.cancel_scope.cancel()
+
+
+async def test_preamble_round_trip_and_refusal() -> None:
+    key = os.urandom(32)
+    with trio.fail_after(5):
+        a, b = trio.testing.memory_stream_pair()
+        out: dict[str, bytes] = {}
+
+        async def server() -> None:
+            out["rest"] = await server_preamble(a, [os.urandom(16), key], "c1")
+            await a.send_all(b"220 hi\r\n")
+
+        async with trio.open_nursery() as n:
+            n.start_soon(server)
+            rest = await client_preamble(b, key, "c1")
+            if not rest:
+                rest = await b.receive_some(100)
+        assert rest == b"220 hi\r\n" and out["rest"] == b""
+
+        a, b = trio.testing.memory_stream_pair()
+        server_failed: list[str] = []
+
+        async def wrong_cluster_server() -> None:
+            try:
+                await server_preamble(a, [key], "other-cluster")
+            except auth.AuthError as exc:
+                server_failed.append(str(exc))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(wrong_cluster_server)
+            with pytest.raises(auth.AuthError, match="refused"):
+                await client_preamble(b, key, "c1")
+        assert server_failed == ["no key matches"]
+
+
+def test_auth_rejects_replay_and_reflection() -> None:
+    key = os.urandom(32)
+    nonce_s = auth.new_nonce()
+    line, ns, nc = auth.client_response(auth.server_challenge(nonce_s), key, "c")
+    proof = auth.server_verify(line, nonce_s, [key], "c")
+    auth.client_verify(proof, key, ns, nc, "c")
+    # The same answer to a fresh challenge fails (replay).
+    with pytest.raises(auth.AuthError):
+        auth.server_verify(line, auth.new_nonce(), [key], "c")
+    # The server's proof is not a valid client proof (reflection): direction tag differs.
+    with pytest.raises(auth.AuthError):
+        auth.server_verify(nc.encode() + b" " + proof.strip(), nonce_s, [key], "c")
+    # No key material on the wire.
+    assert key.hex().encode() not in line + proof
+
+
+@given(st.text(max_size=40))
+def test_xtext_round_trip(value: str) -> None:
+    enc = auth.xtext_encode(value)
+    assert all(33 <= ord(c) <= 126 and c != "=" for c in enc)
+    assert auth.xtext_decode(enc) == value
