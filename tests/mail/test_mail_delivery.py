@@ -25,12 +25,17 @@ def test_backoff_grows_and_caps() -> None:
 
 
 async def _start(
-    nursery: trio.Nursery, tmp: Path, smarthost: HostPort | None, keys: Callable[[], list[bytes]],
+    nursery: trio.Nursery,
+    tmp: Path,
+    smarthost: HostPort | None,
+    keys: Callable[[], list[bytes]],
     **kw: object,
 ) -> MailService:
-    cfg = mail_config(tmp, node="n1", smarthost=smarthost, **kw)  # type: ignore[arg-type]
+    cfg = mail_config(tmp, node="n1", smarthost=smarthost, **kw)
     svc: MailService = await nursery.start(
-        lambda task_status: serve(config=cfg, node_name="n1", keyring_keys=keys, task_status=task_status)
+        lambda task_status: serve(
+            config=cfg, node_name="n1", keyring_keys=keys, task_status=task_status
+        )
     )
     return svc
 
@@ -135,7 +140,9 @@ async def test_deliverer_dot_stuffing_and_raw_bytes(
     assert rec.messages[0].data == data + b"\r\n"
 
 
-async def test_mailq_counts_waiting_and_groups(tmp_path: Path, keys: Callable[[], list[bytes]]) -> None:
+async def test_mailq_counts_waiting_and_groups(
+    tmp_path: Path, keys: Callable[[], list[bytes]]
+) -> None:
     with trio.fail_after(15):
         async with trio.open_nursery() as n:
             svc = await _start(n, tmp_path, closed_port(), keys, retry_base=5.0)
@@ -149,3 +156,75 @@ async def test_mailq_counts_waiting_and_groups(tmp_path: Path, keys: Callable[[]
     assert MailqRow("default", "#mmove", 2, 0) in rows
     pool_rows = [r for r in rows if r.group == "pool"]
     assert len(pool_rows) == 1 and pool_rows[0].delayed == 1
+
+
+async def _rebind_case(tmp: Path, keys: Callable[[], list[bytes]], unconditional: bool) -> set[str]:
+    async with trio.open_nursery() as n:
+        svc = await _start(
+            n, tmp, closed_port(), keys, retry_base=30.0, unconditional_rebind=unconditional
+        )
+        svc.set_holders({"b1": None, "ga": "n1", "gb": None}, local="n1", peers={})
+        for _ in range(40):
+            await svc.sink.accept(envelope("pool"))
+        assert {m.binding for m in svc.spool.iter()} == {"ga"}
+        await _until(lambda: svc.counters["deferred"] >= 40)
+        # gb appears here too; ga did not move.
+        svc.set_holders({"b1": None, "ga": "n1", "gb": "n1"}, local="n1", peers={})
+        await trio.sleep(0.3)
+        got = {m.binding for m in svc.spool.iter()}
+        n.cancel_scope.cancel()
+    return got
+
+
+async def test_unconditional_rebind_reassigns_every_message(
+    tmp_path: Path, keys: Callable[[], list[bytes]]
+) -> None:
+    with trio.fail_after(15):
+        assert await _rebind_case(tmp_path / "on", keys, True) == {"ga", "gb"}
+        assert await _rebind_case(tmp_path / "off", keys, False) == {"ga"}
+
+
+async def test_smtp_ingest_is_durable_before_250(
+    tmp_path: Path, keys: Callable[[], list[bytes]]
+) -> None:
+    """Through the real SMTP driver: the id in the 250 reply is on disk after a restart."""
+    from functools import partial
+
+    from duravip.mail.smtpclient import SmtpSession, open_tcp
+    from duravip.smtp.driver import handle_connection
+    from duravip.smtp.server import ServerSettings
+
+    with trio.fail_after(15):
+        async with trio.open_nursery() as n:
+            svc = await _start(n, tmp_path, closed_port(), keys, retry_base=30.0)
+            svc.set_holders({"b1": None, "ga": None, "gb": None}, local="n1", peers={})
+
+            async def handler(stream: trio.SocketStream) -> None:
+                await handle_connection(
+                    stream,
+                    settings=ServerSettings("n1"),
+                    sink=svc.sink,
+                    peer=stream.socket.getpeername()[:2],
+                    local=("127.0.0.5", 25),  # the listener that follows b1
+                )
+
+            listeners = await n.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+            port = listeners[0].socket.getsockname()[1]
+            sess = SmtpSession(await open_tcp("127.0.0.1", port))
+            await sess.start("client")
+            replies = [
+                await sess.send("a@x.org", ["b@y.org"], b"Subject: %d\r\n\r\nhi\r\n" % i)
+                for i in range(3)
+            ]
+            await sess.quit()
+            n.cancel_scope.cancel()
+    assert all(r.code == 250 for r in replies)
+    sp = Spool.open(tmp_path)
+    try:
+        queued = {m.id: m for m in sp.iter()}
+        for r in replies:
+            qid = next(q for q in queued if q in r.message)
+            assert queued[qid].binding == "b1" and queued[qid].requested == "b1"
+        assert len(queued) == 3
+    finally:
+        sp.close()

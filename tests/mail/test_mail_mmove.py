@@ -30,7 +30,9 @@ async def _until(pred: Callable[[], bool]) -> None:
 
 async def _start(nursery: trio.Nursery, cfg: Config, node: str, keys: Keys) -> MailService:
     svc: MailService = await nursery.start(
-        lambda task_status: serve(config=cfg, node_name=node, keyring_keys=keys, task_status=task_status)
+        lambda task_status: serve(
+            config=cfg, node_name=node, keyring_keys=keys, task_status=task_status
+        )
     )
     return svc
 
@@ -40,10 +42,11 @@ class Pair:
         self.a, self.b = a, b
 
     def holders(self, mapping: dict[str, str | None]) -> None:
-        peers = {"n1": self.a.cluster_address, "n2": self.b.cluster_address}
-        assert peers["n1"] is not None and peers["n2"] is not None
-        self.a.set_holders(mapping, local="n1", peers=peers)  # type: ignore[arg-type]
-        self.b.set_holders(mapping, local="n2", peers=peers)  # type: ignore[arg-type]
+        a, b = self.a.cluster_address, self.b.cluster_address
+        assert a is not None and b is not None
+        peers = {"n1": a, "n2": b}
+        self.a.set_holders(mapping, local="n1", peers=peers)
+        self.b.set_holders(mapping, local="n2", peers=peers)
 
 
 async def _pair(
@@ -57,13 +60,13 @@ async def _pair(
 ) -> Pair:
     a = await _start(
         nursery,
-        mail_config(tmp / "a", node="n1", smarthost=smarthost_a, cluster_ip="127.0.0.1", **kw),  # type: ignore[arg-type]
+        mail_config(tmp / "a", node="n1", smarthost=smarthost_a, cluster_ip="127.0.0.1", **kw),
         "n1",
         keys_a,
     )
     b = await _start(
         nursery,
-        mail_config(tmp / "b", node="n2", smarthost=smarthost_b, cluster_ip="127.0.0.2", **kw),  # type: ignore[arg-type]
+        mail_config(tmp / "b", node="n2", smarthost=smarthost_b, cluster_ip="127.0.0.2", **kw),
         "n2",
         keys_b,
     )
@@ -93,8 +96,9 @@ async def test_wrong_key_is_refused(tmp_path: Path, keys: Keys) -> None:
     other = [os.urandom(32)]
     with trio.fail_after(20):
         async with trio.open_nursery() as n:
-            p = await _pair(n, tmp_path, keys, lambda: other, closed_port(), closed_port(),
-                            retry_base=5.0)
+            p = await _pair(
+                n, tmp_path, keys, lambda: other, closed_port(), closed_port(), retry_base=5.0
+            )
             p.holders({"b1": "n2", "ga": None, "gb": None})
             await p.a.sink.accept(envelope("b1"))
             await _until(lambda: p.b.counters["mmove_auth_failed"] >= 1)
@@ -108,8 +112,9 @@ async def test_key_rotation_receiver_tries_every_key(tmp_path: Path, keys: Keys)
     both = [os.urandom(32), keys()[0]]  # receiver's primary differs; sender's key is second
     with trio.fail_after(20):
         async with trio.open_nursery() as n:
-            p = await _pair(n, tmp_path, keys, lambda: both, closed_port(), closed_port(),
-                            retry_base=5.0)
+            p = await _pair(
+                n, tmp_path, keys, lambda: both, closed_port(), closed_port(), retry_base=5.0
+            )
             p.holders({"b1": "n2", "ga": None, "gb": None})
             await p.a.sink.accept(envelope("b1"))
             await _until(lambda: p.b.counters["mmove_received"] == 1)
@@ -188,17 +193,27 @@ async def test_group_rebind_moves_to_the_new_member_holder(
 async def test_hand_over_on_shutdown(tmp_path: Path, keys: Keys) -> None:
     with trio.fail_after(20):
         async with trio.open_nursery() as n:
-            p = await _pair(n, tmp_path, keys, keys, closed_port(), closed_port(),
-                            retry_base=30.0, retry_max=30.0)
+            p = await _pair(
+                n,
+                tmp_path,
+                keys,
+                keys,
+                closed_port(),
+                closed_port(),
+                retry_base=30.0,
+                retry_max=30.0,
+            )
             # Peers unknown at first: the messages wait under #mmove.
-            p.a.set_holders({"b1": "n2", "ga": None, "gb": None}, local="n1",
-                            peers={"n2": closed_port()})
+            p.a.set_holders(
+                {"b1": "n2", "ga": None, "gb": None}, local="n1", peers={"n2": closed_port()}
+            )
             for _ in range(10):
                 await p.a.sink.accept(envelope("b1"))
             await _until(lambda: p.a.counters["mmove_failed"] >= 1)
             assert len(p.a.spool) == 10
             # The real address appears, but the backoff (30 s) holds the scheduler back.
-            p.a.peers["n2"] = p.b.cluster_address  # type: ignore[assignment]
+            assert p.b.cluster_address is not None
+            p.a.peers["n2"] = p.b.cluster_address
             await p.a.hand_over(5.0)
             assert len(p.a.spool) == 0
             assert len(p.b.spool) == 10
@@ -219,7 +234,7 @@ async def test_preamble_round_trip_and_refusal() -> None:
             n.start_soon(server)
             rest = await client_preamble(b, key, "c1")
             if not rest:
-                rest = await b.receive_some(100)
+                rest = bytes(await b.receive_some(100))
         assert rest == b"220 hi\r\n" and out["rest"] == b""
 
         a, b = trio.testing.memory_stream_pair()

@@ -7,6 +7,7 @@ from ipaddress import IPv4Address
 from hypothesis import given
 from hypothesis import strategies as st
 
+import duravip.mail.router as router
 from duravip.config.model import (
     Binding,
     BindingGroup,
@@ -15,7 +16,6 @@ from duravip.config.model import (
     HostPort,
     Listener,
 )
-from duravip.mail import router
 
 
 def hp(s: str) -> HostPort:
@@ -110,7 +110,13 @@ def test_rebind_modes(held: set[str], moved: set[str], key: str) -> None:
     )
     assert full == router.resolve(CFG, "pool", held_here=held, key=key)
     partial = router.reassign(
-        CFG, requested="pool", current=cur, moved=moved, held_here=held, key=key, unconditional=False
+        CFG,
+        requested="pool",
+        current=cur,
+        moved=moved,
+        held_here=held,
+        key=key,
+        unconditional=False,
     )
     if cur in moved:
         assert partial == full
@@ -120,7 +126,12 @@ def test_rebind_modes(held: set[str], moved: set[str], key: str) -> None:
 
 def test_rebind_drops_a_binding_removed_from_config() -> None:
     got = router.reassign(
-        CFG, requested="old", current="old", moved=set(), held_here=set(), key="k",
+        CFG,
+        requested="old",
+        current="old",
+        moved=set(),
+        held_here=set(),
+        key="k",
         unconditional=False,
     )
     assert got == "default"

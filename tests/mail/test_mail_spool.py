@@ -18,17 +18,23 @@ from duravip.mail.spool import NewMessage, Spool, SpoolError
 from duravip.mail.spool_format import Kind, encode, scan
 
 
-def new(data: bytes = b"Subject: x\r\n\r\nhello\r\n", **kw: object) -> NewMessage:
-    fields: dict[str, object] = {
-        "mail_from": "a@example.org",
-        "rcpt_to": ("b@example.org", "c@example.org"),
-        "data": data,
-        "binding": "default",
-        "requested": "default",
-        "origin": "n1",
-    }
-    fields.update(kw)
-    return NewMessage(**fields)  # type: ignore[arg-type]
+def new(
+    data: bytes = b"Subject: x\r\n\r\nhello\r\n",
+    *,
+    rcpt_to: tuple[str, ...] = ("b@example.org", "c@example.org"),
+    mmove_id: str | None = None,
+    transfer_key: str | None = None,
+) -> NewMessage:
+    return NewMessage(
+        mail_from="a@example.org",
+        rcpt_to=rcpt_to,
+        data=data,
+        binding="default",
+        requested="default",
+        origin="n1",
+        mmove_id=mmove_id,
+        transfer_key=transfer_key,
+    )
 
 
 async def test_store_get_update_remove(tmp_path: Path) -> None:
@@ -151,7 +157,9 @@ async def test_torn_tail_is_ignored_and_truncated(tmp_path: Path) -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(cut=st.integers(min_value=0, max_value=10_000), flip=st.integers(min_value=0, max_value=10_000))
+@given(
+    cut=st.integers(min_value=0, max_value=10_000), flip=st.integers(min_value=0, max_value=10_000)
+)
 def test_scan_never_returns_a_partial_record(cut: int, flip: int) -> None:
     recs = [encode(Kind.STORE, {"id": f"m{i}"}, bytes([i]) * (i * 37)) for i in range(6)]
     buf = b"".join(recs)
@@ -170,7 +178,9 @@ def test_scan_never_returns_a_partial_record(cut: int, flip: int) -> None:
         assert ends[i] <= cut
 
 
-async def test_write_failure_raises_and_spool_stays_usable(tmp_path: Path) -> None:
+async def test_write_failure_raises_and_spool_stays_usable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with trio.fail_after(10):
         sp = Spool.open(tmp_path)
         a = await sp.store(new(b"ok\r\n"))
@@ -183,12 +193,10 @@ async def test_write_failure_raises_and_spool_stays_usable(tmp_path: Path) -> No
                 raise OSError(28, "No space left on device")
             real(fd)
 
-        os.fdatasync = failing  # type: ignore[assignment]
-        try:
+        with monkeypatch.context() as m:
+            m.setattr(os, "fdatasync", failing)
             with pytest.raises(SpoolError):
                 await sp.store(new(b"lost\r\n"))
-        finally:
-            os.fdatasync = real
         assert calls["n"] >= 1
         assert [m.id for m in sp.iter()] == [a]
         b = await sp.store(new(b"later\r\n"))
@@ -260,3 +268,39 @@ def test_crash_loses_no_acknowledged_message(tmp_path: Path, delay: float) -> No
             assert len(data) == 7 * 50 and data == data[:7] * 50
     finally:
         sp.close()
+
+
+async def test_seen_checkpoint_is_chunked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from duravip.mail import spool_format
+
+    monkeypatch.setattr(spool_format, "SEEN_CHUNK", 3)
+    with trio.fail_after(10):
+        sp = Spool.open(tmp_path, segment_size=1024)
+        for i in range(10):
+            await sp.remove(await sp.store(new(b"m\r\n", mmove_id=f"o{i}", transfer_key=f"o{i}/q")))
+        for _ in range(30):
+            await sp.remove(await sp.store(new(b"y" * 200)))
+        assert not (tmp_path / "log" / "00000001.seg").exists()
+        sp.close()
+        first = min((tmp_path / "log").iterdir())
+        records, _ = scan(first.read_bytes())
+        seen = [r for r in records if r.kind is Kind.SEEN]
+        assert len(seen) == 4 and all(len(r.meta["keys"]) <= 3 for r in seen)
+        sp2 = Spool.open(tmp_path, segment_size=1024)
+        assert all(sp2.has_mmove_id(f"o{i}/q") for i in range(10))
+        sp2.close()
+
+
+async def test_oversized_metadata_is_refused_before_writing(tmp_path: Path) -> None:
+    from duravip.mail.spool_format import MAX_META, RecordTooLarge
+
+    with trio.fail_after(10):
+        sp = Spool.open(tmp_path)
+        huge = tuple(f"r{i}@{'x' * 60}.example" for i in range(MAX_META // 60))
+        with pytest.raises(RecordTooLarge):
+            await sp.store(new(b"x\r\n", rcpt_to=huge))
+        ok = await sp.store(new(b"fine\r\n"))
+        sp.close()
+        sp2 = Spool.open(tmp_path)
+        assert [m.id for m in sp2.iter()] == [ok]
+        sp2.close()

@@ -10,6 +10,8 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from duravip.config.model import Topology
 from duravip.plumbing.fake import FakePlumber
@@ -207,3 +209,50 @@ async def test_failed_removal_is_retried(autojump_clock: trio.testing.MockClock)
             assert V[0] in fake.addresses and V[0] in w.failures
             await w.present.wait_value(lambda s: not s)
             assert fake.addresses == {}
+
+
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["ensure", "remove", "external_del", "external_add", "fail", "sleep"]),
+        st.sets(st.sampled_from(sorted(MANAGED | {IPv4Address("10.9.1.99")})), max_size=4),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops)
+def test_worker_converges_to_desired(steps: list[tuple[str, set[IPv4Address]]]) -> None:
+    """Whatever happens, after a quiet period the interfaces hold exactly the
+    desired placeable IPs, and an unmanaged address is never touched."""
+    stranger = IPv4Address("10.9.1.99")
+
+    async def main() -> None:
+        fake = FakePlumber(["eth1", "eth2"])
+        fake.add_externally(stranger)
+        with trio.fail_after(300):
+            async with running(fake, garp_count=2) as w:
+                for op, ips in steps:
+                    if op == "ensure":
+                        await w.ensure(frozenset(ips))
+                    elif op == "remove":
+                        await w.remove(frozenset(ips))
+                    elif op == "external_del":
+                        fake.remove_externally(*(ips - {stranger}))
+                    elif op == "external_add":
+                        for ip in ips - {stranger, MAIN}:
+                            fake.add_externally(ip, "eth1")
+                    elif op == "fail":
+                        for ip in ips:
+                            fake.fail_ip(ip, times=2)
+                    else:
+                        await trio.sleep(0.3)
+                await trio.sleep(40)  # longer than the backoff cap: everything retried
+                want = w.desired
+                assert want <= (VIPS | {OTHER})
+                assert {ip for ip in fake.addresses if ip != stranger} == want
+                assert w.present.value == want
+                assert fake.addresses[stranger] == "eth1"
+                assert all(stranger not in c.ips and MAIN not in c.ips for c in fake.calls)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

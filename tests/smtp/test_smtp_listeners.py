@@ -233,8 +233,12 @@ async def test_set_config_starts_and_stops_listeners() -> None:
             while manager.running() != want:
                 await trio.sleep(0.01)
             assert await refused(IP1, p1)
-            stream, _, banner = await connect(VIP2, p2)
+            # New sessions use the reloaded limits.
+            stream, buf, banner = await connect(VIP2, p2)
             assert banner.startswith(b"220 node-l ")
+            await stream.send_all(b"HELO c\r\nMAIL FROM:<a>\r\n" + b"RCPT TO:<b>\r\n" * 8)
+            replies = [await read_reply(stream, buf) for _ in range(10)]
+            assert [r[:3] for r in replies[2:]] == [b"250"] * 7 + [b"452"]
             await stream.aclose()
             await manager.stop_ip(VIP2, drain_timeout=0.5)
             assert manager.running() == {("127.0.0.1", p2)}
@@ -253,3 +257,18 @@ async def test_cancelling_serve_says_421_to_open_sessions() -> None:
             nursery.cancel_scope.cancel()
         assert (await read_reply(stream, buf)).startswith(b"421 4.3.2 node-l ")
         await stream.aclose()
+
+
+async def test_a_plain_listener_that_cannot_bind_is_skipped() -> None:
+    busy_port, port = free_port(), free_port()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", busy_port))
+        squatter.listen(1)
+        config = make_config(plain(IP1, busy_port), plain(IP1, port))
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                manager: ListenerManager = await nursery.start(
+                    partial(serve, config=config, sink=Sink(), settings=SETTINGS)
+                )
+                assert manager.running() == {("127.0.0.1", port)}
+                nursery.cancel_scope.cancel()

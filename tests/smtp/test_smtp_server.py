@@ -304,7 +304,7 @@ def test_oversized_body_is_not_buffered() -> None:
     for _ in range(1000):
         server.receive_data(b"z" * 1000 + b"\r\n")
         assert isinstance(server.next_event(), NeedData)
-        assert len(server._data) < 2000  # never more than the limit plus one chunk
+        assert len(server._in) < 2000  # never more than the limit plus one chunk
     server.receive_data(b".\r\n")
     assert isinstance(server.next_event(), NeedData)
     assert server.data_to_send().endswith(b"552 5.3.4 Error: message size exceeds fixed limit\r\n")
@@ -465,3 +465,59 @@ def test_arbitrary_bytes_never_raise_and_replies_are_well_formed(
     assert out.endswith(b"\r\n")
     for line in out[:-2].split(b"\r\n"):
         assert REPLY_LINE.match(line), line
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from(
+                [
+                    b"EHLO x\r\n",
+                    b"MAIL FROM:<a>\r\n",
+                    b"RCPT TO:<b>\r\n",
+                    b"DATA\r\n",
+                    b".\r\n",
+                    b"..\r\n",
+                    b"\r\n.\r\n",
+                    b"x" * 70,
+                    b"RSET\r\n",
+                    b"\r\n",
+                    b"\n",
+                ]
+            ),
+            st.binary(max_size=20),
+        ),
+        max_size=60,
+    ),
+    st.lists(st.integers(min_value=0, max_value=100_000), max_size=30),
+)
+def test_any_stream_any_chunking_same_replies(tokens: list[bytes], cuts: list[int]) -> None:
+    """Limits included (line length, size, errors): replies never depend on chunking."""
+    s = ServerSettings(
+        hostname=HOST, limits=SmtpLimits(max_line_length=60, max_message_size=150, max_errors=5)
+    )
+    stream = b"".join(tokens)
+    whole = drive([stream] if stream else [], s)
+    assert drive(split_at(stream, cuts), s) == whole
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(min_value=-3, max_value=3), st.data())
+def test_size_limit_boundary_across_chunk_splits(delta: int, data: st.DataObject) -> None:
+    """A body of limit + delta bytes is accepted iff delta <= 0, however it is split."""
+    limit = 100
+    s = ServerSettings(hostname=HOST, limits=SmtpLimits(max_message_size=limit))
+    body = b"y" * (limit + delta - 2) + b"\r\n"
+    head = b"HELO c\r\nMAIL FROM:<a>\r\nRCPT TO:<b>\r\nDATA\r\n"
+    stream = head + body + b".\r\nNOOP\r\n"
+    # Cut inside the body and the end marker, where the size decisions happen.
+    cuts = data.draw(
+        st.lists(st.integers(min_value=len(head), max_value=len(stream) - 6), max_size=3)
+    )
+    out, msgs, _ = drive(split_at(stream, cuts), s)
+    if delta <= 0:
+        assert [m.data for m in msgs] == [body]
+    else:
+        assert msgs == [] and b"552 5.3.4 " in out
+    assert codes(out)[-1] == "250"

@@ -41,7 +41,7 @@ from duravip.election.resolver import ClusterSnapshot, ResolverService
 from duravip.election.resolver import serve as serve_resolver
 from duravip.mail.service import MailService
 from duravip.mail.service import serve as serve_mail
-from duravip.plumbing.netlink import NetlinkPlumber
+from duravip.plumbing.netlink import open_netlink_plumber
 from duravip.plumbing.worker import PlumbingWorker
 from duravip.plumbing.worker import serve as serve_plumbing
 from duravip.smtp.listeners import ListenerManager
@@ -100,7 +100,10 @@ class Node:
     async def run(self) -> int:
         c = self.config
         try:
-            async with trio.open_nursery() as nursery:
+            async with (
+                open_netlink_plumber(use_iflist_cache=c.use_iflist_cache) as plumber,
+                trio.open_nursery() as nursery,
+            ):
                 registry = CommandRegistry()
                 commands.register(registry, self)
                 await nursery.start(
@@ -123,14 +126,13 @@ class Node:
                 self.plumbing = await nursery.start(
                     partial(
                         serve_plumbing,
-                        plumber=NetlinkPlumber(),
+                        plumber=plumber,
                         managed=frozenset(c.duravips),
                         topology=c.cluster.topology,
                         forbidden=self.forbidden_ips(c),
                         announce_all_hosts=c.cluster.arp_all_hosts,
                         garp_count=c.cluster.garp_count,
                         garp_interval=c.cluster.garp_interval,
-                        use_iflist_cache=c.use_iflist_cache,
                     )
                 )
                 self.mail = await nursery.start(

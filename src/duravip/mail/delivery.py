@@ -101,13 +101,19 @@ class Deliverer:
             reason,
         )
 
-    async def bounce(self, msg: QueuedMessage, reason: str, rcpts: Sequence[str]) -> None:
+    async def bounce(self, msg: QueuedMessage, reason: str, rcpts: Sequence[str]) -> bool:
+        """Write the bounce file; ``False`` if that failed (the caller keeps the message)."""
         data = self.spool.read_data(msg.id)
-        path = await trio.to_thread.run_sync(
-            write_bounce, self.spool.bounce_dir, msg, data, reason, rcpts
-        )
+        try:
+            path = await trio.to_thread.run_sync(
+                write_bounce, self.spool.bounce_dir, msg, data, reason, rcpts
+            )
+        except OSError as exc:
+            log.error("cannot write bounce for %s: %s", msg.id, exc)
+            return False
         _bump(self.counters, "bounced")
         log.warning("bounced %s for %s: %s (%s)", msg.id, ",".join(rcpts), reason, path.name)
+        return True
 
     async def deliver_batch(
         self, smarthost: HostPort, bind: str | None, messages: Sequence[QueuedMessage]
@@ -160,6 +166,7 @@ class Deliverer:
     ) -> None:
         reply = f"{code} {text}"
         if rejected:
+            # Others may have been accepted already: a failed bounce file is only logged.
             await self.bounce(msg, "; ".join(t for _, t in rejected), [r for r, _ in rejected])
         if 200 <= code < 300:
             _bump(self.counters, "delivered")
@@ -181,6 +188,7 @@ class Deliverer:
             return
         # 5xx for the whole transaction: every recipient not already bounced.
         rest = [r for r in msg.rcpt_to if r not in refused]
-        if rest:
-            await self.bounce(msg, reply, rest)
+        if rest and not await self.bounce(msg, reply, rest):
+            await self.defer(msg, "bounce could not be written")
+            return
         await self.spool.remove(msg.id)

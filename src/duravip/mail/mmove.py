@@ -26,7 +26,7 @@ from duravip.mail import mmove_auth as auth
 from duravip.mail.router import DEFAULT
 from duravip.mail.smtpclient import SmtpError, SmtpSession, open_tcp
 from duravip.mail.spool import NewMessage, Spool, SpoolError
-from duravip.mail.spool_format import QueuedMessage
+from duravip.mail.spool_format import QueuedMessage, RecordTooLarge
 from duravip.smtp.driver import handle_connection
 from duravip.smtp.server import ServerSettings
 from duravip.smtp.types import Envelope, PermanentFailure, TemporaryFailure
@@ -88,7 +88,7 @@ class Receiver:
         spool: Spool,
         counters: MutableMapping[str, int],
         *,
-        on_stored: Callable[[], None] = lambda: None,
+        on_stored: Callable[[str], None] = lambda qid: None,
     ) -> None:
         self.spool = spool
         self.counters = counters
@@ -132,6 +132,8 @@ class Receiver:
                     transfer_key=key,
                 )
             )
+        except RecordTooLarge as exc:
+            raise PermanentFailure(str(exc)) from exc
         except SpoolError as exc:
             raise TemporaryFailure(f"spool: {exc}") from exc
         finally:
@@ -146,7 +148,7 @@ class Receiver:
             binding,
             env.peer[0],
         )
-        self.on_stored()
+        self.on_stored(qid)
         if self.fault_after_store is not None and self.fault_after_store(key) and drop is not None:
             drop.cancel()
             await trio.sleep_forever()
@@ -192,7 +194,13 @@ async def serve_listener(
         try:
             with trio.fail_after(PREAMBLE_TIMEOUT):
                 rest = await server_preamble(stream, keys(), cluster)
-        except (auth.AuthError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+        except (
+            auth.AuthError,
+            trio.TooSlowError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            OSError,
+        ) as exc:
             _bump(receiver.counters, "mmove_auth_failed")
             log.warning("%s: refused connection from %s: %s", SERVICE, peer[0], exc)
             await trio.aclose_forcefully(stream)
@@ -235,47 +243,71 @@ async def move_batch(
     Each message is removed here only after the receiver's ``250``. Raises
     :class:`MoveFailed` when the batch stopped early.
     """
-    moved = 0
     try:
         stream = await open_tcp(str(address.host), address.port, timeout=timeout)
     except (OSError, trio.TooSlowError) as exc:
         raise MoveFailed(f"connect to {node} at {address}: {exc!r}") from exc
-    session: SmtpSession | None = None
-    try:
-        with trio.fail_after(PREAMBLE_TIMEOUT):
-            rest = await client_preamble(stream, key, cluster)
-        session = SmtpSession(stream, timeout=timeout, leftover=rest)
-        await session.start(helo)
-        if EHLO_KEYWORD not in session.proto.extensions:
-            raise MoveFailed(f"{node} does not offer {EHLO_KEYWORD}")
-        for msg in messages:
-            cur = spool.get(msg.id)
-            if cur is None:
-                continue
-            params = [
-                f"XBINDING={auth.xtext_encode(cur.binding)}",
-                f"XREQUEST={auth.xtext_encode(cur.requested)}",
-                f"XMMOVEID={auth.xtext_encode(cur.mmove_id)}",
-                f"XQID={auth.xtext_encode(cur.id)}",
-                f"XORIGIN={auth.xtext_encode(cur.origin)}",
-            ]
-            res = await session.send(
-                cur.mail_from, cur.rcpt_to, spool.read_data(cur.id), params, all_or_nothing=True
-            )
-            if not 200 <= res.code < 300:
-                raise MoveFailed(f"{node} refused {cur.id}: {res.code} {res.message}")
+    moved: list[str] = []
+
+    async def forget(cur: QueuedMessage) -> None:
+        # The receiver has it durably; if this remove is lost, a later re-move is a dup.
+        try:
             await spool.remove(cur.id)
-            moved += 1
-            _bump(counters, "mmove_sent")
-            log.info("%s: moved %s (binding %s) to %s", SERVICE, cur.id, cur.binding, node)
-    except (auth.AuthError, SmtpError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+        except SpoolError as exc:
+            log.error("%s: moved %s but could not remove it here: %s", SERVICE, cur.id, exc)
+        moved.append(cur.id)
+        _bump(counters, "mmove_sent")
+        log.info("%s: moved %s (binding %s) to %s", SERVICE, cur.id, cur.binding, node)
+
+    session: SmtpSession | None = None
+    failure: BaseException | None = None
+    # Local removes run beside the next transfer, so their flushes overlap the network.
+    async with trio.open_nursery() as removes:
+        try:
+            with trio.fail_after(PREAMBLE_TIMEOUT):
+                rest = await client_preamble(stream, key, cluster)
+            session = SmtpSession(stream, timeout=timeout, leftover=rest)
+            await session.start(helo)
+            if EHLO_KEYWORD not in session.proto.extensions:
+                raise MoveFailed(f"{node} does not offer {EHLO_KEYWORD}")
+            for msg in messages:
+                cur = spool.get(msg.id)
+                if cur is None:
+                    continue
+                params = [
+                    f"XBINDING={auth.xtext_encode(cur.binding)}",
+                    f"XREQUEST={auth.xtext_encode(cur.requested)}",
+                    f"XMMOVEID={auth.xtext_encode(cur.mmove_id)}",
+                    f"XQID={auth.xtext_encode(cur.id)}",
+                    f"XORIGIN={auth.xtext_encode(cur.origin)}",
+                ]
+                res = await session.send(
+                    cur.mail_from,
+                    cur.rcpt_to,
+                    spool.read_data(cur.id),
+                    params,
+                    all_or_nothing=True,
+                )
+                if not 200 <= res.code < 300:
+                    raise MoveFailed(f"{node} refused {cur.id}: {res.code} {res.message}")
+                removes.start_soon(forget, cur)
+        except (
+            MoveFailed,
+            auth.AuthError,
+            SmtpError,
+            trio.TooSlowError,
+            trio.BrokenResourceError,
+            OSError,
+        ) as exc:
+            failure = exc
+    if failure is not None:
         if session is not None:
             await session.abort()
         else:
             await trio.aclose_forcefully(stream)
-        raise MoveFailed(f"move to {node} at {address}: {exc}") from exc
-    except MoveFailed:
-        await trio.aclose_forcefully(stream)
-        raise
+        if isinstance(failure, MoveFailed):
+            raise failure
+        raise MoveFailed(f"move to {node} at {address}: {failure}") from failure
+    assert session is not None
     await session.quit()
-    return moved
+    return len(moved)

@@ -3,7 +3,9 @@
 One scheduler task looks at the spool whenever something changes (a message
 arrived, a batch finished, the holders changed) or a retry falls due, and
 starts bounded workers: at most ``delivery.concurrency`` smarthost
-connections, one mmove connection per peer node. Every decision is taken from
+connections and ``MMOVE_CONNECTIONS`` mmove connections per peer. An arrival
+only makes the scheduler look at that message; holders changes, finished
+moves and due retries make it rescan the queue. Every decision is taken from
 the durable spool state, so a restart simply resumes.
 """
 
@@ -13,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from functools import partial
 from ipaddress import IPv4Address
 
@@ -25,16 +27,20 @@ from duravip.mail.delivery import Deliverer, backoff
 from duravip.mail.mmove import SERVICE, MoveFailed, Receiver, move_batch, serve_listener
 from duravip.mail.router import DEFAULT, MMOVE, MailqRow
 from duravip.mail.spool import NewMessage, Spool, SpoolError, new_queue_id
-from duravip.mail.spool_format import QueuedMessage
-from duravip.smtp.types import Envelope, MessageSink, TemporaryFailure
+from duravip.mail.spool_format import QueuedMessage, RecordTooLarge
+from duravip.smtp.types import Envelope, MessageSink, PermanentFailure, TemporaryFailure
 
 log = logging.getLogger(__name__)
 
 #: Messages per smarthost connection, and per mmove connection.
 DELIVERY_BATCH = 50
 MMOVE_BATCH = 200
+#: Parallel mmove connections per peer (the receiver group-commits across them),
+#: and the fewest messages that justify opening another one.
+MMOVE_CONNECTIONS = 4
+MMOVE_MIN_PER_CONNECTION = 16
 #: Lets a burst of arrivals gather before the scheduler rescans the queue.
-SCHEDULE_DEBOUNCE = 0.005
+SCHEDULE_DEBOUNCE = 0.02
 #: Longest sleep of the scheduler when nothing is due (a safety net).
 IDLE_RESCAN = 30.0
 COUNTERS = (
@@ -89,11 +95,16 @@ class MailService:
         self._dv = duravip_bindings(config)
         self._wake = trio.Event()
         self._inflight: set[str] = set()
-        self._moving: set[str] = set()
+        #: Open mmove connections per node.
+        self._moving: dict[str, int] = defaultdict(int)
         self._node_retry_at: dict[str, float] = {}
         self._node_failures: dict[str, int] = defaultdict(int)
         self._rebind_all = False
         self._rebind_moved: set[str] = set()
+        #: Full rescan needed (holders, config, a move finished), else only ``_dirty`` ids.
+        self._full = True
+        self._dirty: set[str] = set()
+        self._next_scan_at = 0.0
         self.receiver = Receiver(spool, self.counters, on_stored=self.wake)
         self._deliverer = self._make_deliverer()
 
@@ -109,7 +120,12 @@ class MailService:
 
     # ---- daemon-facing API ----------------------------------------------
 
-    def wake(self) -> None:
+    def wake(self, qid: str | None = None) -> None:
+        """Ask the scheduler to look at ``qid`` (cheap), or at the whole queue (``None``)."""
+        if qid is None:
+            self._full = True
+        else:
+            self._dirty.add(qid)
         self._wake.set()
 
     def set_config(self, config: Config) -> None:
@@ -178,15 +194,16 @@ class MailService:
             while True:
                 await self._rebind()
                 self._node_retry_at.clear()
-                plan = self._plan_moves(time.time(), ignore_backoff=True)
+                plan = self._plan_moves(self.spool.iter(), time.time(), ignore_backoff=True)
                 if not plan:
                     if not self._moving:
                         return
                     await trio.sleep(0.01)
                     continue
                 async with trio.open_nursery() as nursery:
-                    for node, msgs in plan.items():
-                        self._start_move(nursery, node, msgs)
+                    for node, batches in plan.items():
+                        for msgs in batches:
+                            self._start_move(nursery, node, msgs)
                 if all(self._node_failures.get(n, 0) for n in plan):
                     await trio.sleep(0.05)
 
@@ -211,11 +228,13 @@ class MailService:
                     queue_id=qid,
                 )
             )
+        except RecordTooLarge as exc:
+            raise PermanentFailure("message envelope too large to queue") from exc
         except SpoolError as exc:
             raise TemporaryFailure("queue write failed, try again later") from exc
         self.counters["received"] += 1
         log.debug("queued %s binding %s (requested %s)", qid, binding, requested)
-        self.wake()
+        self.wake(qid)
         return qid
 
     # ---- scheduling --------------------------------------------------------
@@ -253,6 +272,7 @@ class MailService:
         if not changes:
             return
         log.info("rebind: %d message(s) re-assigned", len(changes))
+        self._full = True
 
         async def one(qid: str, binding: str) -> None:
             # Delivered or moved meanwhile: nothing left to re-assign.
@@ -266,35 +286,44 @@ class MailService:
                     nursery.start_soon(one, qid, binding)
 
     def _plan_moves(
-        self, now: float, *, ignore_backoff: bool = False
-    ) -> dict[str, list[QueuedMessage]]:
-        plan: dict[str, list[QueuedMessage]] = defaultdict(list)
-        for m in self.spool.iter():
+        self, candidates: Iterable[QueuedMessage], now: float, *, ignore_backoff: bool = False
+    ) -> dict[str, list[list[QueuedMessage]]]:
+        """Per node, up to ``MMOVE_CONNECTIONS`` batches of messages to move now."""
+        per_node: dict[str, list[QueuedMessage]] = defaultdict(list)
+        for m in candidates:
             if m.id in self._inflight:
                 continue
             kind, node = self.route_of(m.binding)
-            if kind != "move" or node is None or node in self._moving:
-                continue
-            if node not in self.peers:
+            if kind != "move" or node is None or node not in self.peers:
                 continue
             if not ignore_backoff and self._node_retry_at.get(node, 0.0) > now:
                 continue
-            if len(plan[node]) < MMOVE_BATCH:
-                plan[node].append(m)
-        return dict(plan)
+            per_node[node].append(m)
+        plan: dict[str, list[list[QueuedMessage]]] = {}
+        for node, msgs in per_node.items():
+            free = MMOVE_CONNECTIONS - self._moving.get(node, 0)
+            if free <= 0:
+                continue
+            n = min(free, -(-len(msgs) // MMOVE_MIN_PER_CONNECTION))
+            size = min(MMOVE_BATCH, -(-len(msgs) // n))
+            plan[node] = [msgs[i * size : (i + 1) * size] for i in range(n) if msgs[i * size :]]
+        return plan
 
     def _start_move(self, nursery: trio.Nursery, node: str, msgs: list[QueuedMessage]) -> None:
-        self._moving.add(node)
+        self._moving[node] += 1
         self._inflight.update(m.id for m in msgs)
         nursery.start_soon(self._move_worker, node, msgs)
 
     async def _move_worker(self, node: str, msgs: list[QueuedMessage]) -> None:
         try:
             keys = self.keyring_keys()
+            address = self.peers.get(node)
+            if not keys or address is None:
+                raise MoveFailed(f"no keyring key or no address for {node}")
             await move_batch(
                 self.spool,
                 msgs,
-                address=self.peers[node],
+                address=address,
                 key=keys[0],
                 cluster=self.config.cluster.name,
                 helo=self.node_name,
@@ -314,7 +343,9 @@ class MailService:
             self._node_retry_at[node] = time.time() + delay
             log.warning("%s: %s (retry in %.1fs)", SERVICE, exc, delay)
         finally:
-            self._moving.discard(node)
+            self._moving[node] -= 1
+            if self._moving[node] <= 0:
+                del self._moving[node]
             self._inflight.difference_update(m.id for m in msgs)
             self.wake()
 
@@ -335,7 +366,8 @@ class MailService:
             log.error("delivery: spool write failed: %s", exc)
         finally:
             self._inflight.difference_update(m.id for m in msgs)
-            self.wake()
+            self._dirty.update(m.id for m in msgs)
+            self._wake.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The scheduler loop: rebind, then start deliveries and moves that are due."""
@@ -346,12 +378,24 @@ class MailService:
                 self._wake = trio.Event()
                 await self._rebind()
                 now = time.time()
-                next_at = now + IDLE_RESCAN
+                candidates: Iterable[QueuedMessage]
+                if self._full or now >= self._next_scan_at:
+                    self._full = False
+                    self._dirty.clear()
+                    candidates = self.spool.iter()
+                    next_at = now + IDLE_RESCAN
+                else:
+                    ids, self._dirty = self._dirty, set()
+                    candidates = [m for i in ids if (m := self.spool.get(i)) is not None]
+                    next_at = self._next_scan_at
                 local: dict[str, list[QueuedMessage]] = defaultdict(list)
-                for m in self.spool.iter():
+                moves: list[QueuedMessage] = []
+                for m in candidates:
                     if m.id in self._inflight:
                         continue
                     kind, _node = self.route_of(m.binding)
+                    if kind == "move":
+                        moves.append(m)
                     if kind != "local":
                         continue
                     if m.next_at > now:
@@ -363,11 +407,13 @@ class MailService:
                         chunk = msgs[i : i + DELIVERY_BATCH]
                         self._inflight.update(m.id for m in chunk)
                         nursery.start_soon(self._deliver_worker, limiter, binding, chunk)
-                for node, msgs in self._plan_moves(now).items():
-                    self._start_move(nursery, node, msgs)
+                for node, batches in self._plan_moves(moves, now).items():
+                    for chunk in batches:
+                        self._start_move(nursery, node, chunk)
                 for t in self._node_retry_at.values():
                     if t > now:
                         next_at = min(next_at, t)
+                self._next_scan_at = next_at
                 with trio.move_on_after(max(0.0, next_at - time.time())):
                     await self._wake.wait()
                 await trio.sleep(SCHEDULE_DEBOUNCE)

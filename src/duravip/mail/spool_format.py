@@ -23,8 +23,15 @@ from attrs import evolve, frozen
 
 MAGIC = b"DVR1"
 HEADER = struct.Struct(">4sBIIQ")
-#: A record larger than this is treated as corruption (guards replay memory).
-MAX_META = 1 << 20
+#: Metadata larger than this is refused when writing and treated as corruption
+#: when reading (guards replay memory).
+MAX_META = 16 << 20
+#: Received transfer keys per SEEN record (keeps each record far below MAX_META).
+SEEN_CHUNK = 5000
+
+
+class RecordTooLarge(ValueError):
+    """The metadata (e.g. a huge recipient list) does not fit in one record."""
 
 
 class Kind(IntEnum):
@@ -78,9 +85,18 @@ class Record:
 def encode(kind: Kind, meta: Mapping[str, Any], data: bytes = b"") -> bytes:
     """One record, ready to append."""
     m = json.dumps(meta, separators=(",", ":"), sort_keys=True).encode()
+    if len(m) > MAX_META:
+        raise RecordTooLarge(f"record metadata of {len(m)} bytes exceeds {MAX_META}")
     h = xxhash.xxh64(m)
     h.update(data)
     return HEADER.pack(MAGIC, int(kind), len(m), len(data), h.intdigest()) + m + data
+
+
+def seen_records(seen: Mapping[str, float]) -> bytes:
+    """The SEEN checkpoint: every received transfer key, in chunks of ``SEEN_CHUNK``."""
+    items = list(seen.items())
+    chunks = [items[i : i + SEEN_CHUNK] for i in range(0, len(items), SEEN_CHUNK)] or [[]]
+    return b"".join(encode(Kind.SEEN, {"keys": dict(c)}) for c in chunks)
 
 
 def meta_of(msg: QueuedMessage) -> dict[str, Any]:
@@ -162,13 +178,29 @@ class ReplayState:
         self.where: dict[str, Located] = {}
         #: Received mmove transfer keys -> wall time first seen.
         self.seen: dict[str, float] = {}
+        #: Live messages and their data bytes per segment (compaction decisions in O(1)).
+        self.seg_live: dict[int, int] = {}
+        self.seg_bytes: dict[int, int] = {}
+
+    def place(self, mid: str, loc: Located) -> None:
+        """Record where ``mid``'s data lives (replacing any earlier location)."""
+        self.unplace(mid)
+        self.where[mid] = loc
+        self.seg_live[loc.segment] = self.seg_live.get(loc.segment, 0) + 1
+        self.seg_bytes[loc.segment] = self.seg_bytes.get(loc.segment, 0) + loc.data_len
+
+    def unplace(self, mid: str) -> None:
+        old = self.where.pop(mid, None)
+        if old is not None:
+            self.seg_live[old.segment] -= 1
+            self.seg_bytes[old.segment] -= old.data_len
 
     def apply(self, segment: int, rec: Record) -> None:
         meta = rec.meta
         if rec.kind is Kind.STORE:
             msg = message_of(meta)
             self.messages[msg.id] = msg
-            self.where[msg.id] = Located(segment, rec.data_offset, rec.data_len)
+            self.place(msg.id, Located(segment, rec.data_offset, rec.data_len))
             if msg.transfer_key is not None:
                 self.seen.setdefault(msg.transfer_key, msg.received_at)
         elif rec.kind is Kind.UPDATE:
@@ -179,7 +211,7 @@ class ReplayState:
         elif rec.kind is Kind.REMOVE:
             mid = str(meta["id"])
             self.messages.pop(mid, None)
-            self.where.pop(mid, None)
+            self.unplace(mid)
         elif rec.kind is Kind.SEEN:
             for key, ts in meta["keys"].items():
                 self.seen.setdefault(str(key), float(ts))

@@ -66,9 +66,13 @@ class NetlinkPlumber:
                 seq, todo[i][0].ip.packed, todo[i][0].prefixlen, todo[i][1]
             ),
         )
-        for (p, _), code in zip(todo, codes, strict=True):
+        for (p, index), code in zip(todo, codes, strict=True):
             if code in (0, errno.EEXIST):
                 out[p.ip] = None
+                if self.cache is not None:
+                    # Do not wait for the event: a reconcile pass right after
+                    # this must not take our own fresh address for a missing one.
+                    self.cache.added(rtnl.AddrInfo(p.ip, index, p.prefixlen))
             else:
                 out[p.ip] = f"add {p.ip}/{p.prefixlen} on {p.interface}: {_strerror(code)}"
         return out
@@ -118,11 +122,13 @@ class NetlinkPlumber:
             len(todo), lambda i, seq: rtnl.encode_addr_del(seq, todo[i][0].packed, todo[i][1])
         )
         missing: list[IPv4Address] = []
-        for (ip, _), code in zip(todo, codes, strict=True):
+        for (ip, index), code in zip(todo, codes, strict=True):
             if code in (errno.EADDRNOTAVAIL, errno.ENODEV) and retry_elsewhere:
                 missing.append(ip)
             elif code in (0, errno.EADDRNOTAVAIL, errno.ENODEV):
                 out.setdefault(ip, None)
+                if self.cache is not None:
+                    self.cache.removed(rtnl.AddrInfo(ip, index, 0))
             else:
                 out[ip] = f"delete {ip}: {_strerror(code)}"
         return missing

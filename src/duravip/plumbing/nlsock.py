@@ -85,7 +85,7 @@ class NetlinkSocket:
                     # (gossip!) run between chunks of a 10,240-address batch.
                     await trio.lowlevel.checkpoint()
                 try:
-                    buf = await self._recv()
+                    bufs = await self._recv_all()
                 except OSError as exc:
                     if exc.errno != errno.ENOBUFS:
                         raise
@@ -95,13 +95,14 @@ class NetlinkSocket:
                             results[i] = errno.ENOBUFS
                     pending = 0
                     continue
-                for h in rtnl.iter_messages(buf):
-                    if h.type != rtnl.NLMSG_ERROR:
-                        continue
-                    i = h.seq - base
-                    if 0 <= i < n and results[i] == -1:
-                        results[i] = rtnl.error_code(buf, h)
-                        pending -= 1
+                for buf in bufs:
+                    for h in rtnl.iter_messages(buf):
+                        if h.type != rtnl.NLMSG_ERROR:
+                            continue
+                        i = h.seq - base
+                        if 0 <= i < n and results[i] == -1:
+                            results[i] = rtnl.error_code(buf, h)
+                            pending -= 1
         return results
 
     async def dump(self, msg_type: int) -> list[bytes]:
@@ -145,6 +146,17 @@ class NetlinkSocket:
                 await trio.lowlevel.wait_readable(self._sock)
             else:
                 return bytes(self._buf[:n])
+
+    async def _recv_all(self) -> list[bytes]:
+        """Every datagram queued now (at least one): the kernel queues one ack
+        per request while still inside send(), so they are all there at once."""
+        out = [await self._recv()]
+        while True:
+            try:
+                n = self._sock.recv_into(self._buf)
+            except BlockingIOError:
+                return out
+            out.append(bytes(self._buf[:n]))
 
     def close(self) -> None:
         self._sock.close()

@@ -13,7 +13,7 @@ import itertools
 import math
 import random
 from collections.abc import Callable, Iterable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import trio
 from attrs import define, field
@@ -37,6 +37,8 @@ class SimNode:
     status: NodeStatus = "up"
     scheduled: float = math.inf
     inbox: list[Callable[[], None]] = field(factory=list)
+    last_tick: float = -1.0
+    spins: int = 0
 
 
 @define
@@ -85,7 +87,7 @@ class Simulation:
         self.groups: dict[str, int] = {}
         self.now = 0.0
         self._t0: float | None = None
-        self._heap: list[tuple[float, int, int, object]] = []
+        self._heap: list[tuple[float, int, int, Any]] = []
         self._seq = itertools.count()
         # measurements
         self.msgs_sent = 0
@@ -270,10 +272,10 @@ class Simulation:
 
     # ------------------------------------------------------------------ internals
 
-    def _push(self, t: float, kind: int, payload: object) -> None:
+    def _push(self, t: float, kind: int, payload: Any) -> None:
         heapq.heappush(self._heap, (t, next(self._seq), kind, payload))
 
-    def _dispatch(self, kind: int, payload: object) -> None:
+    def _dispatch(self, kind: int, payload: Any) -> None:
         now = self.now
         if kind == _TICK:
             node = payload
@@ -281,16 +283,22 @@ class Simulation:
             if node.scheduled > now or node.status != "up" or self.nodes.get(node.name) is not node:
                 return
             node.scheduled = math.inf
+            if now == node.last_tick:
+                node.spins += 1
+                if node.spins > 1000:
+                    raise RuntimeError(f"{node.name}: next_deadline() does not advance at {now}")
+            else:
+                node.last_tick, node.spins = now, 0
             node.swim.tick(now)
             self._flush(node)
         elif kind == _DELIVER:
-            dst, data, src = payload  # type: ignore[misc]
+            dst, data, src = payload
             self._deliver(dst, data, src)
         elif kind == _STREAM_ARRIVE:
-            src, dst, req = payload  # type: ignore[misc]
+            src, dst, req = payload
             self._stream_arrive(src, dst, req)
         elif kind == _STREAM_DONE:
-            src, req, resp = payload  # type: ignore[misc]
+            src, req, resp = payload
             self._stream_done(src, req, resp)
 
     def _deliver(self, dst: SimNode, data: bytes, src: Addr) -> None:

@@ -21,6 +21,7 @@ Design choices that matter for speed and safety:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 
 from attrs import Factory, field, frozen
@@ -38,9 +39,12 @@ __all__ = [
 ]
 
 _END = b"\r\n.\r\n"
+_DOT_END = b".\r\n"
 _STUFFED = b"\r\n.."
 _UNSTUFFED = b"\r\n."
 _CRLF = b"\r\n"
+#: Characters never valid in an unquoted path: controls, space, DEL, brackets.
+_BAD_ADDR_CHAR = re.compile(r"[\x00-\x20\x7f<>]")
 
 
 _DEFAULT_LIMITS = SmtpLimits()
@@ -138,9 +142,7 @@ def _parse_path(text: str) -> tuple[str, str] | None:
         if colon < 0:
             return None
         addr = addr[colon + 1 :]
-    if not addr.isascii() or any(c <= " " or c == "\x7f" for c in addr):
-        return None
-    if "<" in addr or ">" in addr:
+    if not addr.isascii() or _BAD_ADDR_CHAR.search(addr):
         return None
     return addr, rest.strip(" ")
 
@@ -159,9 +161,8 @@ class SmtpServer:
         #: True while skipping the rest of an over-long command line.
         self._skipping = False
         self._state = _COMMAND
-        # DATA accumulation: starts with a CRLF sentinel so a leading ".." on the
-        # first line unstuffs like any other line and "." alone ends at once.
-        self._data = bytearray()
+        # DATA: the body is read in place from the front of ``_in`` (deleting
+        # from a bytearray's front is O(1)), so pipelined transactions cost O(n).
         self._data_scan = 0
         self._discarding = False
         self._eof = False
@@ -193,8 +194,6 @@ class SmtpServer:
             return
         if not data:
             self._eof = True
-        elif self._state == _DATA:
-            self._data += data
         else:
             self._in += data
 
@@ -271,7 +270,6 @@ class SmtpServer:
     def _close(self) -> None:
         self._state = _CLOSED_STATE
         self._in = bytearray()
-        self._data = bytearray()
 
     def _reset_transaction(self) -> None:
         self._mail_from: str | None = None
@@ -321,8 +319,6 @@ class SmtpServer:
             self._command(raw.decode("latin-1"))
             if self._state == _DATA:
                 # Bytes after "DATA\r\n" are the body (the 354 boundary).
-                self._data = bytearray(_CRLF) + self._in
-                self._in = bytearray()
                 self._data_scan = 0
                 self._discarding = False
                 return None
@@ -488,39 +484,45 @@ class SmtpServer:
     # ----------------------------------------------------------- data mode
 
     def _process_data(self) -> Event | None:
-        """Look for CRLF.CRLF in the body received so far (one C-level find)."""
-        data = self._data
-        idx = data.find(_END, self._data_scan)
+        """Look for the end of the body at the front of ``_in`` (one C-level find)."""
+        buf = self._in
+        limit = self._limits.max_message_size
+        # "." alone on the first line: an empty message (no CRLF precedes it).
+        if not self._discarding and buf.startswith(_DOT_END):
+            del buf[: len(_DOT_END)]
+            return self._message(b"")
+        idx = buf.find(_END, self._data_scan)
         if idx < 0:
-            # A future end marker starts at len - 4 or later, so the body is at
-            # least len - 4 bytes long (the sentinel CRLF is its first 2 bytes
-            # but the marker's CRLF belongs to the body).
-            self._data_scan = max(len(data) - 4, 0)
-            if len(data) - 4 > self._limits.max_message_size:
+            # A later end marker starts at len - 4 or after, so the body (which
+            # keeps the marker's CRLF) is at least len - 2 bytes.
+            self._data_scan = max(len(buf) - 4, 0)
+            if self._discarding or len(buf) - 2 > limit:
                 self._discarding = True
-                del data[: len(data) - 4]
+                del buf[: max(len(buf) - 4, 0)]
                 self._data_scan = 0
             return None
-        rest = data[idx + len(_END) :]
-        size = idx  # len(data[2 : idx + 2]): the body as transmitted
-        if self._discarding or size > self._limits.max_message_size:
-            self._data = bytearray()
-            self._in = rest
+        if self._discarding or idx + 2 > limit:
+            del buf[: idx + len(_END)]
             self._state = _COMMAND
             self._reset_transaction()
             self._reply(552, "5.3.4", "Error: message size exceeds fixed limit")
             return None
-        body = bytes(memoryview(data)[: idx + 2])
+        with memoryview(buf) as view, view[: idx + 2] as part:
+            body = part.tobytes()
+        del buf[: idx + len(_END)]
+        if body.startswith(b".."):
+            body = body[1:]
         if _STUFFED in body:
             body = body.replace(_STUFFED, _UNSTUFFED)
-        self._data = bytearray()
-        self._in = rest
-        self._state = _DECISION
+        return self._message(body)
+
+    def _message(self, body: bytes) -> MessageReceived:
         assert self._mail_from is not None
+        self._state = _DECISION
         return MessageReceived(
             mail_from=self._mail_from,
             rcpt_to=tuple(self._rcpts),
-            data=body[2:],
+            data=body,
             helo=self.helo or "",
             mail_params=self._mail_params,
         )

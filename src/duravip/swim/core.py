@@ -145,6 +145,8 @@ class Swim:
         self._seq = self.rng.randrange(1 << 32)
         self._stream_id = 0
         self._probe: _Probe | None = None
+        #: fresh suspects to probe next, out of round-robin order (see _on_suspect)
+        self._urgent: list[str] = []
         self._leaving = False
         self._leave_pending = False
 
@@ -471,6 +473,10 @@ class Swim:
             self._probe = None
             if not p.acked:
                 self._probe_failed(p, now)
+            node = self.table.get(p.target)
+            if node is not None and node.state == State.SUSPECT and p.target not in self._urgent:
+                # keep asking until it refutes or is declared dead (bounded by the suspicion)
+                self._urgent.append(p.target)
         if self._probe is None and now >= self._next_probe:
             if self._leaving:
                 self._next_probe = now + self.timers.probe_interval
@@ -480,7 +486,14 @@ class Swim:
     def _start_probe(self, now: float) -> None:
         interval = self.awareness.scale(self.timers.probe_interval)
         self._next_probe = now + interval
-        target = self.table.next_probe_target()
+        target = None
+        while self._urgent and target is None:
+            cand = self.table.get(self._urgent.pop(0))
+            if cand is not None and cand.state == State.SUSPECT:
+                target = cand
+                self.counters["urgent_probes"] += 1
+        if target is None:
+            target = self.table.next_probe_target()
         if target is None:
             return
         seq = self._next_seq()
@@ -656,7 +669,11 @@ class Swim:
 
     def _on_suspect(self, s: Suspect, now: float) -> None:
         if s.name == self.name:
-            if self._leaving or s.incarnation < self.local.incarnation:
+            if self._leaving:
+                return
+            if s.incarnation < self.local.incarnation:
+                # already refuted; the sender may have missed it, answer it directly
+                self._tell_alive(s.sender)
                 return
             self._refute(s.incarnation, s.sender, now)
             return
@@ -690,8 +707,12 @@ class Swim:
         self.counters["suspected"] += 1
         self._touch(node, "suspect")
         self.broadcasts.queue(s.name, codec.encode_message(s))
+        # probe the suspect next (with the suspicion attached, Lifeguard's buddy system):
+        # a live one refutes to us directly, a dead one is confirmed sooner
+        if s.name not in self._urgent:
+            self._urgent.append(s.name)
         if s.sender == self.name:
-            # tell the suspect at once (buddy system): it refutes in one round trip
+            # tell the suspect at once: it refutes in one round trip
             self._send(node.addr, [s])
 
     def _on_dead(self, d: Dead, now: float) -> None:
@@ -725,11 +746,16 @@ class Swim:
         self.counters["refutes"] += 1
         self.awareness.apply_delta(1)
         self._broadcast_alive(local)
-        if sender is not None and sender != self.name:
-            node = self.table.get(sender)
-            if node is not None:
-                self._send(node.addr, [self._alive_msg(local)])
+        if sender is not None:
+            self._tell_alive(sender)
         self._touch(local, "updated")
+
+    def _tell_alive(self, name: str) -> None:
+        """Send our current alive straight to ``name`` (a suspecter that must hear the refutation)."""
+        node = self.table.get(name)
+        if node is not None and node is not self.local:
+            self.counters["direct_refutes"] += 1
+            self._send(node.addr, [self._alive_msg(self.local)], piggyback=False)
 
     def _alive_msg(self, node: NodeState) -> Alive:
         return Alive(
@@ -842,12 +868,11 @@ class Swim:
         self._next_reap = min(self._next_reap, now + self._reclaim_after())
 
     def _reap(self, now: float) -> None:
-        horizon = now - self._reclaim_after()
         nxt = math.inf
         for node in list(self.table):
             if node is self.local or node.state not in (State.DEAD, State.LEFT):
                 continue
-            if node.state_since <= horizon:
+            if node.state_since + self._reclaim_after() <= now:
                 self.table.forget(node.name)
                 m = self._public.pop(node.name)
                 self._events.append(MemberEvent("forgotten", m))

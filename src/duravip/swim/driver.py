@@ -1,0 +1,223 @@
+"""Thin Trio driver of the SWIM core: one UDP socket, one TCP listener.
+
+It feeds the core with ``trio.current_time()``, sends what it emits, performs
+its TCP exchanges (4-byte length-prefixed frames) and publishes a
+:class:`Membership` snapshot whenever the membership changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+
+import trio
+import trio_util
+from attrs import frozen
+
+from duravip.config.model import Timers
+from duravip.swim.core import StreamRequest, Swim
+from duravip.swim.crypto import Keyring
+from duravip.swim.members import Addr, Member
+
+log = logging.getLogger(__name__)
+
+#: Largest TCP frame accepted (a push-pull of 10,000 members or a large view fits).
+MAX_FRAME = 32 * 1024 * 1024
+#: Deadline for serving one inbound TCP exchange.
+SERVER_TIMEOUT = 10.0
+MAX_DATAGRAM = 65536
+
+
+@frozen
+class Membership:
+    """The snapshot the election reads: every known member, self included."""
+
+    local: str
+    members: Mapping[str, Member]
+
+
+class FrameError(Exception):
+    """A TCP peer sent a frame that is too large or cut short."""
+
+
+async def _read_exactly(stream: trio.abc.ReceiveStream, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await stream.receive_some(min(65536, n - len(buf)))
+        if not chunk:
+            raise FrameError("connection closed mid-frame")
+        buf += chunk
+    return bytes(buf)
+
+
+async def read_frame(stream: trio.abc.ReceiveStream) -> bytes:
+    n = int.from_bytes(await _read_exactly(stream, 4), "big")
+    if n > MAX_FRAME:
+        raise FrameError(f"frame of {n} bytes")
+    return await _read_exactly(stream, n)
+
+
+def frame(data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + data
+
+
+class MembershipService:
+    """Handle of a running membership service (returned by ``task_status.started``)."""
+
+    def __init__(self, swim: Swim, udp: socket.socket, nursery: trio.Nursery) -> None:
+        self._swim = swim
+        self._udp_raw = udp  # non-blocking; sendto from sync code
+        self._udp = trio.socket.from_stdlib_socket(udp)
+        self._nursery = nursery
+        self._wake = trio.Event()
+        self.snapshot: trio_util.AsyncValue[Membership] = trio_util.AsyncValue(self._make_snapshot())
+
+    @property
+    def counters(self) -> Mapping[str, int]:
+        return MappingProxyType(self._swim.counters)
+
+    @property
+    def name(self) -> str:
+        return self._swim.name
+
+    def set_meta(self, meta: bytes) -> None:
+        self._swim.set_meta(meta, trio.current_time())
+        self._kick()
+
+    async def leave(self, timeout: float) -> None:
+        """Announce ``left`` and wait (at most ``timeout``) until it has been gossiped."""
+        self._swim.leave(trio.current_time())
+        self._kick()
+        with trio.move_on_after(timeout):
+            while not self._swim.left_done():
+                await trio.sleep(self._swim.timers.gossip_interval / 2)
+
+    def set_keyring(self, keyring: Keyring) -> None:
+        self._swim.set_keyring(keyring)
+
+    def set_timers(self, timers: Timers) -> None:
+        self._swim.set_timers(timers)
+        self._kick()
+
+    # ----------------------------------------------------------------- internals
+
+    def _make_snapshot(self) -> Membership:
+        return Membership(self._swim.name, MappingProxyType(dict(self._swim.members())))
+
+    def _kick(self) -> None:
+        """Something changed: flush output and recompute the next deadline."""
+        self._flush()
+        self._wake.set()
+
+    def _flush(self) -> None:
+        swim = self._swim
+        for data, addr in swim.outgoing():
+            self._send_now(data, addr)
+        for req in swim.stream_requests():
+            self._nursery.start_soon(self._stream, req)
+        if swim.events():
+            self.snapshot.value = self._make_snapshot()
+
+    def _send_now(self, data: bytes, addr: Addr) -> None:
+        # UDP sendto on a non-blocking socket: EAGAIN means a full buffer, i.e. a lost packet
+        try:
+            self._udp_raw.sendto(data, addr)
+        except BlockingIOError:
+            self._swim.counters["send_dropped"] += 1
+        except OSError as exc:
+            self._swim.counters["send_errors"] += 1
+            log.debug("sendto %s failed: %s", addr, exc)
+
+    async def _stream(self, req: StreamRequest) -> None:
+        resp: bytes | None = None
+        with trio.move_on_after(req.timeout):
+            try:
+                stream = await trio.open_tcp_stream(req.addr[0], req.addr[1])
+                async with stream:
+                    await stream.send_all(frame(req.data))
+                    resp = await read_frame(stream)
+            except (OSError, trio.BrokenResourceError, FrameError) as exc:
+                log.debug("%s exchange with %s failed: %s", req.kind, req.addr, exc)
+        self._swim.stream_response(req, resp, trio.current_time())
+        self._kick()
+
+    async def _serve_conn(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                peer = stream.socket.getpeername()
+                with trio.fail_after(SERVER_TIMEOUT):
+                    request = await read_frame(stream)
+                    resp = self._swim.handle_stream(request, (peer[0], peer[1]), trio.current_time())
+                    self._kick()
+                    if resp:
+                        await stream.send_all(frame(resp))
+            except (OSError, trio.BrokenResourceError, trio.TooSlowError, FrameError) as exc:
+                self._swim.counters["stream_errors"] += 1
+                log.debug("inbound exchange failed: %s", exc)
+
+    async def _recv_loop(self) -> None:
+        while True:
+            try:
+                data, addr = await self._udp.recvfrom(MAX_DATAGRAM)
+            except OSError as exc:  # e.g. ECONNREFUSED from an ICMP error
+                self._swim.counters["recv_errors"] += 1
+                log.debug("recvfrom: %s", exc)
+                continue
+            self._swim.receive_datagram(data, (addr[0], addr[1]), trio.current_time())
+            self._kick()
+
+    async def _timer_loop(self) -> None:
+        while True:
+            deadline = self._swim.next_deadline()
+            now = trio.current_time()
+            if deadline > now:
+                with trio.move_on_at(deadline if math.isfinite(deadline) else now + 3600):
+                    await self._wake.wait()
+            else:
+                await trio.sleep(0)  # never spin without a checkpoint
+            self._wake = trio.Event()
+            self._swim.tick(trio.current_time())
+            self._flush()
+
+
+async def serve(
+    *,
+    name: str,
+    bind: Addr,
+    cluster: str,
+    timers: Timers,
+    keyring: Keyring,
+    seeds: Sequence[Addr] = (),
+    meta: bytes = b"",
+    task_status: trio.TaskStatus[MembershipService] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the membership service until cancelled; ``started(service)`` once bound."""
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tcp = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with udp, tcp:
+        udp.setblocking(False)
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        udp.bind(bind)
+        await tcp.bind(bind)
+        tcp.listen(128)
+        listener = trio.SocketListener(tcp)
+        swim = Swim(
+            name=name,
+            addr=bind,
+            cluster=cluster,
+            timers=timers,
+            keyring=keyring,
+            seeds=seeds,
+            meta=meta,
+            now=trio.current_time(),
+        )
+        async with trio.open_nursery() as nursery:
+            service = MembershipService(swim, udp, nursery)
+            nursery.start_soon(service._recv_loop)
+            nursery.start_soon(service._timer_loop)
+            nursery.start_soon(trio.serve_listeners, service._serve_conn, [listener])
+            service._flush()
+            task_status.started(service)
