@@ -119,6 +119,23 @@ def test_follow_listeners_share_their_bindings_owner(w):
 
 
 @given(world())
+def test_states_follow_from_alive_claims(w):
+    views, alive = w
+    for ip, d in resolve(views, alive).items():
+        claims = [views[n].vips[ip] for n in alive if n in views and ip in views[n].vips]
+        prefs = {c.preference for c in claims} - {None}
+        expect = set()
+        if len({c.binding for c in claims}) > 1:
+            expect.add("BROKEN")
+        if len({c.listener_ports for c in claims}) > 1 or len({c.follows for c in claims}) > 1:
+            expect.add("UNSAFE")
+        if len(prefs) > 1:
+            expect.add("CONFLICT")
+        assert d.states == expect, (ip, claims, d)
+        assert d.preferred == (prefs.pop() if len(prefs) == 1 and "BROKEN" not in expect else None)
+
+
+@given(world())
 def test_broken_ips_have_no_owner(w):
     views, alive = w
     for d in resolve(views, alive).values():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -303,4 +304,51 @@ async def test_oversized_metadata_is_refused_before_writing(tmp_path: Path) -> N
         sp.close()
         sp2 = Spool.open(tmp_path)
         assert [m.id for m in sp2.iter()] == [ok]
+        sp2.close()
+
+
+async def test_failed_flush_amid_pipelined_flushes_keeps_memory_equal_to_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time as _time
+
+    real = os.fdatasync
+    counter = itertools.count(1)
+    calls = {"n": 0}
+
+    def flaky(fd: int) -> None:
+        n = next(counter)  # atomic: flushes run in several threads
+        calls["n"] = n
+        _time.sleep(0.002)  # keep flushes overlapping
+        if n == 2:
+            raise OSError(5, "Input/output error")
+        real(fd)
+
+    with trio.fail_after(20):
+        sp = Spool.open(tmp_path)
+        acked: list[str] = []
+        failed = 0
+
+        async def one(i: int) -> None:
+            nonlocal failed
+            try:
+                acked.append(await sp.store(new(f"p{i}\r\n".encode())))
+            except SpoolError:
+                failed += 1
+
+        with monkeypatch.context() as m:
+            m.setattr(os, "fdatasync", flaky)
+            async with trio.open_nursery() as n:
+                for i in range(60):
+                    n.start_soon(one, i)
+                    await trio.sleep(0.001)
+        assert failed >= 1 and len(acked) + failed == 60, (calls, sp.flushes, failed, len(acked))
+        in_memory = {q.id for q in sp.iter()}
+        assert in_memory == set(acked)
+        later = await sp.store(new(b"after\r\n"))
+        sp.close()
+        sp2 = Spool.open(tmp_path)
+        assert {q.id for q in sp2.iter()} == set(acked) | {later}
+        for q in acked:
+            assert sp2.read_data(q).startswith(b"p")
         sp2.close()

@@ -30,7 +30,9 @@ def free_port() -> int:
     raise RuntimeError("no free port")
 
 
-async def wait_for(svc: MembershipService, pred: Callable[[Membership], bool], timeout: float) -> None:
+async def wait_for(
+    svc: MembershipService, pred: Callable[[Membership], bool], timeout: float
+) -> None:
     with trio.fail_after(timeout):
         await svc.snapshot.wait_value(pred)
 
@@ -40,11 +42,18 @@ def states(m: Membership) -> dict[str, str]:
 
 
 async def start(
-    nursery: trio.Nursery, name: str, port: int, keyring: Keyring, seeds: list[int], meta: bytes = b""
+    nursery: trio.Nursery,
+    name: str,
+    port: int,
+    keyring: Keyring,
+    seeds: list[int],
+    meta: bytes = b"",
 ) -> tuple[MembershipService, trio.CancelScope]:
     scope = trio.CancelScope()
 
-    async def run(task_status: trio.TaskStatus[MembershipService] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        task_status: trio.TaskStatus[MembershipService] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         with scope:
             await serve(
                 name=name,

@@ -150,7 +150,7 @@ def register(registry: CommandRegistry, node: Node) -> None:
                     "state": snap.states.get(n, "unknown"),
                     "mature": v.mature,
                     "candidate": n in d.candidates,
-                    "score": f"{score(n, ip):016x}",
+                    "score": f"{score(ip, n):016x}",
                     "preference": claim.preference,
                     "binding": claim.binding,
                     "listener_ports": list(claim.listener_ports),

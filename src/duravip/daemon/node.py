@@ -268,6 +268,7 @@ class Node:
         assert self.resolver is not None
         async for _ in self.resolver.decisions.eventual_values():
             self.update_mail_holders()
+            self.telemetry.observe_takeovers()
 
     def binding_holders(self) -> dict[str, str | None]:
         snap = self.snapshot.value

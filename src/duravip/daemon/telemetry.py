@@ -33,6 +33,7 @@ class NodeMetrics:
     def __init__(self, registry: Registry, node: Node) -> None:
         self.registry = registry
         self.node = node
+        self._last_takeover_at = float("-inf")
         r = registry
         r.gauge("duravip_members", "cluster members by SWIM state", ["state"]).set_collector(
             lambda: _count_states(node)
@@ -62,7 +63,7 @@ class NodeMetrics:
         )
         self._dict_counter(
             "duravip_election_total", "elections and moves of this node's resolver", "counter",
-            lambda: getattr(node.resolver, "counters", {}),
+            lambda: _resolver_stats(node),
         )
         self._dict_counter(
             "duravip_plumbing_total", "plumbing operations and errors", "counter",
@@ -80,12 +81,35 @@ class NodeMetrics:
             lambda: _queue(node)
         )
 
+    def observe_takeovers(self) -> None:
+        """Move takeover latencies the resolver recorded since last time into the histogram."""
+        if self.node.resolver is None:
+            return
+        recent = self.node.resolver.stats.recent
+        for t in recent:
+            if t.at > self._last_takeover_at:
+                self.failover_seconds.observe(t.latency)
+        if recent:
+            self._last_takeover_at = max(self._last_takeover_at, max(t.at for t in recent))
+
     def _dict_counter(
         self, name: str, help_text: str, label: str, source: Callable[[], Mapping[str, int]]
     ) -> None:
         metric = _CollectedCounter(name, help_text, [label])
         metric.set_collector(lambda: {(k,): float(v) for k, v in _safe(source, {}).items()})
         self.registry.register(metric)
+
+
+def _resolver_stats(node: Node) -> dict[str, int]:
+    if node.resolver is None:
+        return {}
+    st = node.resolver.stats
+    return {
+        "elections": st.elections,
+        "moves_in": st.moves_in,
+        "moves_out": st.moves_out,
+        "actuator_failures": st.actuator_failures,
+    }
 
 
 def _prefixed(counters: Mapping[str, int], prefix: str) -> dict[str, int]:

@@ -400,7 +400,11 @@ class Resolver:
     def update(
         self, views: Mapping[str, NodeView], alive: Collection[str]
     ) -> Mapping[IPv4Address, Decision]:
-        """Recompute for a new input; returns (and keeps) every decision."""
+        """Recompute for a new input; returns every decision.
+
+        The returned mapping is this resolver's own: the next call updates it
+        in place (copy it to keep a snapshot).
+        """
         alive_set = set(alive)
         live = {n: v for n, v in views.items() if n in alive_set and v.node == n}
         groups = {id(v.vips): v.vips for v in live.values()}

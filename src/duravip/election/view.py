@@ -20,6 +20,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from ipaddress import IPv4Address
+from types import MappingProxyType
 
 import xxhash
 from attrs import Factory, frozen
@@ -103,6 +104,7 @@ def _intern_vips(
         _VIPS_CACHE.move_to_end(key)
         return hit
     if make is not None:
+        make = MappingProxyType(dict(make))  # shared between views: read-only
         _VIPS_CACHE[key] = make
         while len(_VIPS_CACHE) > _VIPS_CACHE_SIZE:
             _VIPS_CACHE.popitem(last=False)

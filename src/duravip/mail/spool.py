@@ -75,6 +75,8 @@ class _Item:
     #: Length of the payload at the end of ``data`` (STORE), to locate it once placed.
     payload_len: int
     on_durable: Callable[[int, int], None]
+    #: Set on compaction copies: the message being relocated.
+    reloc: str | None = None
 
 
 @define
@@ -82,6 +84,12 @@ class _Batch:
     items: list[_Item] = Factory(list)
     done: trio.Event = Factory(trio.Event)
     error: BaseException | None = None
+    #: A writer has taken the lead of this batch.
+    led: bool = False
+    #: Where its bytes start, and the roll-back epoch it was written in.
+    segment: int = 0
+    start: int = 0
+    epoch: int = 0
 
 
 def _fsync_dir(path: Path) -> None:
@@ -112,7 +120,21 @@ class Spool:
     _active_size: int = 0
     _wfd: int = -1
     _open_batch: _Batch = Factory(_Batch)
-    _flushing: bool = False
+    #: The last sealed batch (completion is chained in write order).
+    _tail: _Batch | None = None
+    _io_lock: trio.Lock = Factory(trio.Lock)
+    #: Flushes in flight at once.
+    max_inflight: int = 2
+    _slots: trio.Semaphore = Factory(
+        lambda self: trio.Semaphore(self.max_inflight), takes_self=True
+    )
+    _syncing: int = 0
+    _sync_changed: trio.Event = Factory(trio.Event)
+    #: Roll-backs so far, as (epoch before it, segment, offset cut to).
+    _epoch: int = 0
+    _rollbacks: list[tuple[int, int, int]] = Factory(list)
+    _compacting: bool = False
+    _relocating: set[str] = Factory(set)
     _pending_ops: Counter[str] = Factory(Counter)
     _broken: str | None = None
     _closed: bool = False
@@ -304,7 +326,15 @@ class Spool:
             del self._pending_ops[qid]
 
     async def _commit(self, item: _Item) -> None:
-        """Append ``item`` and return once it is durable (group commit: one leader flushes)."""
+        """Append ``item`` and return once it is durable.
+
+        Group commit, pipelined: the first writer into the open batch leads it
+        (seals, writes, ``fdatasync``). While a batch's flush is in flight the
+        next batch gathers and may start its own flush (at most
+        ``max_inflight`` at once: concurrent flushes of one file finish much
+        sooner than back-to-back ones on this kind of disk). Batches complete
+        strictly in write order, so memory always matches a prefix of the log.
+        """
         if self._broken is not None:
             raise SpoolError(self._broken)
         if self._closed:
@@ -313,58 +343,88 @@ class Spool:
         batch.items.append(item)
         if len(batch.items) >= self._last_batch:
             self._gathered.set()
-        if self._flushing:
+        if batch.led:
             await batch.done.wait()
         else:
-            self._flushing = True
-            try:
-                # A flush is bounded disk I/O; finishing it under cancellation
-                # keeps every other waiter's batch moving.
-                with trio.CancelScope(shield=True):
-                    await self._flush_loop()
-            finally:
-                self._flushing = False
+            batch.led = True
+            # A flush is bounded disk I/O; finishing it under cancellation keeps
+            # the batches behind this one moving.
+            with trio.CancelScope(shield=True):
+                await self._lead(batch)
         if batch.error is not None:
             raise SpoolError(f"spool write failed: {batch.error}") from batch.error
 
-    async def _flush_loop(self) -> None:
-        while self._open_batch.items:
-            if self.commit_delay > 0 and 1 < self._last_batch > len(self._open_batch.items):
+    async def _lead(self, b: _Batch) -> None:
+        async with self._slots:
+            if self.commit_delay > 0 and 1 < self._last_batch > len(b.items):
                 self._gathered = trio.Event()
                 with trio.move_on_after(self.commit_delay):
                     await self._gathered.wait()
-            b = self._open_batch
-            self._last_batch = len(b.items)
-            self._open_batch = _Batch()
-            rotate = self._active_size >= self.segment_size
-            if rotate:
-                self._prune_seen()
-            try:
-                placed = await trio.to_thread.run_sync(self._write_sync, b.items, rotate)
-            except OSError as exc:
-                b.error = exc
-                log.error("spool: write failed: %s", exc)
-            else:
+            async with self._io_lock:
+                if self._open_batch is b:
+                    self._open_batch = _Batch()
+                self._last_batch = len(b.items)
+                prev, self._tail = self._tail, b
+                rotate = self._active_size >= self.segment_size
+                if rotate:
+                    # The old segment's fd is closed on rotation: no flush may be using it.
+                    while self._syncing:
+                        await self._sync_changed.wait()
+                    self._prune_seen()
+                b.epoch = self._epoch
+                try:
+                    placed = await trio.to_thread.run_sync(self._write_sync, b.items, rotate)
+                except OSError as exc:
+                    b.error = exc
+                    log.error("spool: write failed: %s", exc)
+                    placed = []
+                else:
+                    b.segment, b.start = placed[0]
+                fd = self._wfd
+                self._syncing += 1
+            sync_error: OSError | None = None
+            if b.error is None:
+                try:
+                    await trio.to_thread.run_sync(os.fdatasync, fd)
+                except OSError as exc:
+                    sync_error = exc
+            self._syncing -= 1
+            self._sync_changed.set()
+            self._sync_changed = trio.Event()
+        if prev is not None:
+            await prev.done.wait()
+        async with self._io_lock:
+            if b.error is None and self._rolled_back(b):
+                b.error = OSError("an earlier flush failed; this batch was rolled back")
+            elif b.error is None and sync_error is not None:
+                b.error = sync_error
+                log.error("spool: flush failed: %s", sync_error)
+                await trio.to_thread.run_sync(self._roll_back, b.start)
+            elif b.error is None:
                 self.flushes += 1
                 for it, (seg, off) in zip(b.items, placed, strict=True):
                     it.on_durable(seg, off + len(it.data) - it.payload_len)
-            b.done.set()
-            await self._maybe_compact()
+        for it in b.items:
+            if it.reloc is not None:
+                self._relocating.discard(it.reloc)
+        b.done.set()
+        if not self._compacting:
+            self._compacting = True
+            try:
+                await self._maybe_compact()
+            finally:
+                self._compacting = False
 
     def _write_sync(self, items: list[_Item], rotate: bool) -> list[tuple[int, int]]:
+        """Append the batch (no flush); on error, cut the file back to where it was."""
         if rotate:
             self._create_segment(self._active + 1)
         start = self._active_size
         buf = b"".join(it.data for it in items)
         try:
             _write_all(self._wfd, buf)
-            os.fdatasync(self._wfd)
         except OSError:
-            try:
-                os.ftruncate(self._wfd, start)
-                os.fdatasync(self._wfd)
-            except OSError as exc2:
-                self._broken = f"cannot roll back a failed append: {exc2}"
+            self._roll_back(start)
             raise
         placed = []
         off = start
@@ -373,6 +433,23 @@ class Spool:
             off += len(it.data)
         self._active_size = off
         return placed
+
+    def _roll_back(self, start: int) -> None:
+        """Truncate the active segment to ``start``; later batches are void (new epoch)."""
+        try:
+            os.ftruncate(self._wfd, start)
+            os.fdatasync(self._wfd)
+        except OSError as exc:
+            self._broken = f"cannot roll back a failed append: {exc}"
+            return
+        self._rollbacks.append((self._epoch, self._active, start))
+        self._active_size = start
+        self._epoch += 1
+
+    def _rolled_back(self, b: _Batch) -> bool:
+        return any(
+            e >= b.epoch and seg == b.segment and b.start >= off for e, seg, off in self._rollbacks
+        )
 
     def _prune_seen(self) -> None:
         cutoff = time.time() - self.seen_ttl
@@ -389,11 +466,17 @@ class Spool:
             live_bytes = self.state.seg_bytes.get(oldest, 0)
             if len(self._fds) <= self.max_segments and live_bytes * 4 >= self.segment_size:
                 return
-            # The relocations are flushed by the very next batch, before this runs again.
             for mid in list(self.state.iter_segment(oldest)):
-                if self._pending_ops.get(mid):
+                if self._pending_ops.get(mid) or mid in self._relocating:
                     continue
                 self._relocate(mid)
+            batch = self._open_batch
+            if batch.items and not batch.led:
+                batch.led = True
+                await self._lead(batch)
+                if batch.error is not None:
+                    return  # retried after a later flush
+                continue
             return
 
     def _relocate(self, mid: str) -> None:
@@ -404,8 +487,9 @@ class Spool:
             if mid in self.state.where:
                 self.state.place(mid, Located(seg, data_off, len(data)))
 
+        self._relocating.add(mid)
         self._open_batch.items.append(
-            _Item(encode(Kind.STORE, meta_of(msg), data), len(data), durable)
+            _Item(encode(Kind.STORE, meta_of(msg), data), len(data), durable, reloc=mid)
         )
 
     def _drop_segment(self, seg: int) -> None:

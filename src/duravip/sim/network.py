@@ -175,7 +175,9 @@ class Simulation:
         """A fresh process with the same name and address (incarnation 0)."""
         old = self.nodes[name]
         if seeds is None:
-            seeds = [nd.addr for nd in self.nodes.values() if nd.status == "up" and nd is not old][:3]
+            seeds = [nd.addr for nd in self.nodes.values() if nd.status == "up" and nd is not old][
+                :3
+            ]
         old.status = "crashed"
         self._forget_observer(name)
         return self.add_node(name, seeds=seeds, meta=meta, addr=old.addr)
@@ -320,10 +322,14 @@ class Simulation:
             or not self.connected(src.name, dst.name)
         ):
             # refused (crashed process) comes back fast, anything else waits for the timeout
-            refused = dst is not None and dst.status in ("crashed", "left") and self.connected(
-                src.name, dst.name
+            refused = (
+                dst is not None
+                and dst.status in ("crashed", "left")
+                and self.connected(src.name, dst.name)
             )
-            self._push(now + (self.delay if refused else req.timeout), _STREAM_DONE, (src, req, None))
+            self._push(
+                now + (self.delay if refused else req.timeout), _STREAM_DONE, (src, req, None)
+            )
             return
         resp = dst.swim.handle_stream(req.data, src.addr, now)
         self.msgs_sent += 1

@@ -48,6 +48,15 @@ class BroadcastQueue:
     def clear(self) -> None:
         self._items.clear()
 
+    def peek(self, budget: int, max_parts: int = 250) -> list[bytes]:
+        """Like :meth:`get` but without counting a transmit (for sends that may be wasted)."""
+        out: list[bytes] = []
+        for item in sorted(self._items.values(), key=lambda i: (i.transmits, -i.order)):
+            if len(item.payload) <= budget and len(out) < max_parts:
+                out.append(item.payload)
+                budget -= len(item.payload)
+        return out
+
     def get(self, budget: int, limit: int, max_parts: int = 250) -> list[bytes]:
         """Pop as many updates as fit in ``budget`` bytes, counting one transmit each."""
         if not self._items or budget <= 0:

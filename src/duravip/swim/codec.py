@@ -301,7 +301,9 @@ def encode_stream(m: StreamMessage) -> bytes:
         t = T_PUSHPULL
         w.b += _B.pack(1 if m.join else 0) + _I.pack(len(m.records))
         for rec in m.records:
-            w.b += _PPREC.pack(rec.incarnation, rec.state, rec.meta_version, rec.meta_digest, rec.meta_len)
+            w.b += _PPREC.pack(
+                rec.incarnation, rec.state, rec.meta_version, rec.meta_digest, rec.meta_len
+            )
             w.str(rec.name)
             w.addr(rec.addr)
     elif isinstance(m, MetaRequest):

@@ -197,7 +197,9 @@ class Swim:
             if len(self.broadcasts):
                 self._gossip(now)
             interval = self.timers.gossip_interval
-            self._next_gossip += max(1, math.floor((now - self._next_gossip) / interval) + 1) * interval
+            self._next_gossip += (
+                max(1, math.floor((now - self._next_gossip) / interval) + 1) * interval
+            )
         if now >= self._next_push_pull:
             self._periodic_push_pull(now)
             self._next_push_pull = now + self._push_pull_interval()
@@ -339,7 +341,8 @@ class Swim:
         elif isinstance(msg, MetaRequest):
             node = self.table.get(msg.name)
             if node is not None and (
-                node is self.local or (node.have_version, node.have_digest) == (msg.version, msg.digest)
+                node is self.local
+                or (node.have_version, node.have_digest) == (msg.version, msg.digest)
             ):
                 reply = MetaResponse(msg.name, True, node.have_version, node.have_digest, node.meta)
             else:
@@ -383,11 +386,17 @@ class Swim:
     def _limit(self) -> int:
         return retransmit_limit(self.timers.retransmit_mult, self.table.active_count())
 
-    def _send(self, addr: Addr, msgs: Sequence[Message], piggyback: bool = True) -> None:
+    def _send(
+        self, addr: Addr, msgs: Sequence[Message], piggyback: bool = True, count: bool = True
+    ) -> None:
+        """Send ``msgs`` plus piggybacked updates (``count=False``: without spending transmits)."""
         parts = [codec.encode_message(m) for m in msgs]
         if piggyback:
             budget = self.timers.mtu - OVERHEAD - 2 - sum(len(p) for p in parts)
-            parts += self.broadcasts.get(budget, self._limit(), 250 - len(parts))
+            if count:
+                parts += self.broadcasts.get(budget, self._limit(), 250 - len(parts))
+            else:
+                parts += self.broadcasts.peek(budget, 250 - len(parts))
         if not parts:
             return
         data = self.keyring.seal(codec.encode_packet(parts), self.cluster, UDP)
@@ -395,7 +404,9 @@ class Swim:
         self.counters["bytes_sent"] += len(data)
         self._out.append((data, addr))
 
-    def _new_stream(self, kind: StreamKind, addr: Addr, msg: codec.StreamMessage, key: str = "") -> int:
+    def _new_stream(
+        self, kind: StreamKind, addr: Addr, msg: codec.StreamMessage, key: str = ""
+    ) -> int:
         self._stream_id += 1
         data = self.keyring.seal(codec.encode_stream(msg), self.cluster, TCP)
         timeout = max(1.0, 10 * self.timers.probe_timeout)
@@ -420,12 +431,20 @@ class Swim:
         return base * (math.ceil(math.log2(n) - math.log2(32)) + 1)
 
     def _periodic_push_pull(self, now: float) -> None:
-        peers = self.table.live_peers()
-        if self._leaving or not peers:
+        if self._leaving:
             return
-        node = self.table.get(self.rng.choice(peers))
-        if node is not None:
-            self._new_stream("push_pull", node.addr, PushPull(False, self._records()))
+        peers = self.table.live_peers()
+        if peers:
+            node = self.table.get(self.rng.choice(peers))
+            if node is not None:
+                self._new_stream("push_pull", node.addr, PushPull(False, self._records()))
+        # reconnect: try one member we believe dead (or forgot); after a partition heals
+        # this is what brings the two sides back together
+        dead = [n.addr for n in self.table if n.state == State.DEAD]
+        dead += [t.addr for t in self.table.tombstones.values() if not t.left]
+        if dead:
+            self.counters["reconnect_attempts"] += 1
+            self._new_stream("push_pull", self.rng.choice(dead), PushPull(False, self._records()))
 
     def _records(self) -> tuple[NodeRecord, ...]:
         recs = [
@@ -440,28 +459,34 @@ class Swim:
             )
             for n in self.table
         ]
-        dead = codec.STATE_CODES["dead"]
-        recs += [NodeRecord(name, a, inc, dead, 0, 0, 0) for name, (inc, a) in self.table.tombstones.items()]
+        dead, left = codec.STATE_CODES["dead"], codec.STATE_CODES["left"]
+        recs += [
+            NodeRecord(name, t.addr, t.incarnation, left if t.left else dead, 0, 0, 0)
+            for name, t in self.table.tombstones.items()
+        ]
         return tuple(recs)
 
     def _gossip(self, now: float) -> None:
-        targets = list(self.table.live_peers())
+        live = self.table.live_peers()
         horizon = now - self.timers.gossip_to_the_dead_time
-        targets += [
+        dead = [
             n.name
             for n in self.table
-            if n.state in (State.DEAD, State.LEFT) and n.state_since >= horizon and n is not self.local
+            if n.state in (State.DEAD, State.LEFT)
+            and n.state_since >= horizon
+            and n is not self.local
         ]
+        targets = live + dead
         if not targets:
             return
         k = min(self.timers.gossip_nodes, len(targets))
         for name in self.rng.sample(targets, k):
             node = self.table.get(name)
-            if node is None:
+            if node is None or not len(self.broadcasts):
                 continue
-            self._send(node.addr, [])
-            if not len(self.broadcasts):
-                break
+            # gossip to the (recently) dead lets a wrongly declared node learn it and refute,
+            # but must not use up the transmit budget the live members need
+            self._send(node.addr, [], count=node.state in (State.ALIVE, State.SUSPECT))
 
     # ------------------------------------------------------------------ internals: probing
 
@@ -474,8 +499,16 @@ class Swim:
             if not p.acked:
                 self._probe_failed(p, now)
             node = self.table.get(p.target)
-            if node is not None and node.state == State.SUSPECT and p.target not in self._urgent:
-                # keep asking until it refutes or is declared dead (bounded by the suspicion)
+            susp = self._suspicions.get(p.target)
+            if (
+                node is not None
+                and node.state == State.SUSPECT
+                and susp is not None
+                and susp.confirmations < susp.k
+                and p.target not in self._urgent
+            ):
+                # keep asking while the suspicion is unconfirmed (a live node refutes to us);
+                # once k others confirmed it, more probes would not change anything
                 self._urgent.append(p.target)
         if self._probe is None and now >= self._next_probe:
             if self._leaving:
@@ -509,7 +542,8 @@ class Swim:
             # Lifeguard buddy system: tell the suspect directly so it can refute at once
             msgs.append(Suspect(target.incarnation, target.name, self.name))
         self.counters["pings_sent"] += 1
-        self._send(target.addr, msgs)
+        # a suspect is likely dead: do not spend piggybacked transmits on it
+        self._send(target.addr, msgs, count=target.state == State.ALIVE)
 
     def _send_indirect(self, p: _Probe, now: float) -> None:
         p.indirect_sent = True
@@ -523,7 +557,9 @@ class Swim:
             if helper is None:
                 continue
             self.counters["ping_reqs_sent"] += 1
-            self._send(helper.addr, [PingReq(p.seq, p.target, target.addr, self.name, self.addr, True)])
+            self._send(
+                helper.addr, [PingReq(p.seq, p.target, target.addr, self.name, self.addr, True)]
+            )
             p.expected_nacks += 1
 
     def _probe_failed(self, p: _Probe, now: float) -> None:
@@ -558,7 +594,11 @@ class Swim:
                 continue
             del self._suspicions[name]
             node = self.table.get(name)
-            if node is not None and node.state == State.SUSPECT and node.incarnation == s.incarnation:
+            if (
+                node is not None
+                and node.state == State.SUSPECT
+                and node.incarnation == s.incarnation
+            ):
                 self.counters["declared_dead"] += 1
                 self._on_dead(Dead(node.incarnation, name, self.name), now)
 
@@ -636,7 +676,7 @@ class Swim:
         node = self.table.get(a.name)
         if node is None:
             tomb = self.table.tombstones.get(a.name)
-            if tomb is not None and a.incarnation <= tomb[0]:
+            if tomb is not None and a.incarnation <= tomb.incarnation:
                 self.counters["dropped_stale"] += 1
                 return
             node = NodeState(a.name, a.addr, a.incarnation, now)
@@ -660,7 +700,11 @@ class Swim:
         self._suspicions.pop(a.name, None)
         self.table.changed()
         kind: EventKind = (
-            "alive" if prev == State.SUSPECT else "joined" if prev in (State.DEAD, State.LEFT) else "updated"
+            "alive"
+            if prev == State.SUSPECT
+            else "joined"
+            if prev in (State.DEAD, State.LEFT)
+            else "updated"
         )
         self._touch(node, kind)
         if rebroadcast:
@@ -737,7 +781,9 @@ class Swim:
         self.broadcasts.queue(d.name, codec.encode_message(d))
         self._schedule_reap(now)
 
-    def _refute(self, incarnation: int, sender: str | None, now: float, min_meta_version: int = 0) -> None:
+    def _refute(
+        self, incarnation: int, sender: str | None, now: float, min_meta_version: int = 0
+    ) -> None:
         """Somebody claims we are suspect/dead (or stale): out-bid them with a higher incarnation."""
         local = self.local
         local.incarnation = max(local.incarnation, incarnation) + 1
@@ -759,7 +805,12 @@ class Swim:
 
     def _alive_msg(self, node: NodeState) -> Alive:
         return Alive(
-            node.incarnation, node.name, node.addr, node.meta_version, node.meta_digest, node.meta_len
+            node.incarnation,
+            node.name,
+            node.addr,
+            node.meta_version,
+            node.meta_digest,
+            node.meta_len,
         )
 
     def _broadcast_alive(self, node: NodeState) -> None:
@@ -777,7 +828,8 @@ class Swim:
             state = codec.STATE_NAMES[r.state]
             if state == "alive":
                 self._on_alive(
-                    Alive(r.incarnation, r.name, r.addr, r.meta_version, r.meta_digest, r.meta_len), now
+                    Alive(r.incarnation, r.name, r.addr, r.meta_version, r.meta_digest, r.meta_len),
+                    now,
                 )
             elif state == "left":
                 self._on_dead(Dead(r.incarnation, r.name, r.name), now)
@@ -805,7 +857,9 @@ class Swim:
 
     def _fetch_meta(self, f: _MetaFetch, addr: Addr) -> None:
         f.retry_at = None
-        f.inflight = self._new_stream("meta", addr, MetaRequest(f.name, f.version, f.digest), f.name)
+        f.inflight = self._new_stream(
+            "meta", addr, MetaRequest(f.name, f.version, f.digest), f.name
+        )
         self.counters["meta_fetches"] += 1
 
     def _meta_done(self, name: str, req_id: int, msg: MetaResponse | None, now: float) -> None:

@@ -98,7 +98,9 @@ class Keyring:
         """The file form: one base64 key a line, primary first."""
         return "".join(base64.b64encode(k).decode() + "\n" for k in self.keys)
 
-    def seal(self, plaintext: bytes, cluster: str, channel: bytes, nonce: bytes | None = None) -> bytes:
+    def seal(
+        self, plaintext: bytes, cluster: str, channel: bytes, nonce: bytes | None = None
+    ) -> bytes:
         """Encrypt with the primary key; ``channel`` separates UDP from TCP frames."""
         header = _HEADER.pack(ENVELOPE_VERSION, cluster_tag(cluster))
         n = os.urandom(NONCE_LEN) if nonce is None else nonce

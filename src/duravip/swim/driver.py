@@ -73,7 +73,9 @@ class MembershipService:
         self._udp = trio.socket.from_stdlib_socket(udp)
         self._nursery = nursery
         self._wake = trio.Event()
-        self.snapshot: trio_util.AsyncValue[Membership] = trio_util.AsyncValue(self._make_snapshot())
+        self.snapshot: trio_util.AsyncValue[Membership] = trio_util.AsyncValue(
+            self._make_snapshot()
+        )
 
     @property
     def counters(self) -> Mapping[str, int]:
@@ -150,7 +152,9 @@ class MembershipService:
                 peer = stream.socket.getpeername()
                 with trio.fail_after(SERVER_TIMEOUT):
                     request = await read_frame(stream)
-                    resp = self._swim.handle_stream(request, (peer[0], peer[1]), trio.current_time())
+                    resp = self._swim.handle_stream(
+                        request, (peer[0], peer[1]), trio.current_time()
+                    )
                     self._kick()
                     if resp:
                         await stream.send_all(frame(resp))

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from enum import StrEnum
 from ipaddress import IPv4Address
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from attrs import frozen
 
@@ -29,7 +29,9 @@ class State(StrEnum):
     LEFT = "left"
 
 
-EventKind = Literal["joined", "alive", "updated", "suspect", "dead", "left", "meta-changed", "forgotten"]
+EventKind = Literal[
+    "joined", "alive", "updated", "suspect", "dead", "left", "meta-changed", "forgotten"
+]
 
 
 @frozen
@@ -57,6 +59,14 @@ class Member:
 class MemberEvent:
     kind: EventKind
     member: Member
+
+
+class Tombstone(NamedTuple):
+    """What is kept of a forgotten member: enough to refuse stale claims and to reconnect."""
+
+    incarnation: int
+    addr: Addr
+    left: bool
 
 
 class NodeState:
@@ -122,8 +132,8 @@ class MemberTable:
     def __init__(self, local: str, rng: random.Random) -> None:
         self.local = local
         self.nodes: dict[str, NodeState] = {}
-        #: name -> (incarnation at death, addr) of forgotten dead members
-        self.tombstones: OrderedDict[str, tuple[int, Addr]] = OrderedDict()
+        #: forgotten dead/left members, oldest first
+        self.tombstones: OrderedDict[str, Tombstone] = OrderedDict()
         self._rng = rng
         self._order: list[str] = []
         self._index = 0
@@ -150,7 +160,7 @@ class MemberTable:
         node = self.nodes.pop(name, None)
         if node is None:
             return
-        self.tombstones[name] = (node.incarnation, node.addr)
+        self.tombstones[name] = Tombstone(node.incarnation, node.addr, node.state == State.LEFT)
         self.tombstones.move_to_end(name)
         while len(self.tombstones) > self.MAX_TOMBSTONES:
             self.tombstones.popitem(last=False)
