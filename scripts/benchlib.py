@@ -238,7 +238,7 @@ def inject(targets: list[tuple[str, str]], rate: float, seconds: float, timeout:
 
     total = int(rate * seconds)
     start = time.monotonic()
-    with ThreadPoolExecutor(max_workers=8) as pool:
+    with ThreadPoolExecutor(max_workers=32) as pool:
         for k in range(total):
             slot = start + k / rate
             now = time.monotonic()

@@ -161,3 +161,28 @@ def test_group_skips_members_nobody_holds(key: str) -> None:
         "gb",
         "gc",
     }
+
+
+_names = st.sampled_from(["Subject", "X-Binding", "x-binding", "From", "X-Bindings", "To"])
+_values = st.text(
+    alphabet=st.characters(min_codepoint=33, max_codepoint=126, exclude_characters=":"),
+    min_size=1,
+    max_size=12,
+)
+
+
+@given(headers=st.lists(st.tuples(_names, _values, st.booleans()), max_size=6), body=_values)
+def test_header_scan_agrees_with_the_email_parser(
+    headers: list[tuple[str, str, bool]], body: str
+) -> None:
+    from email.parser import BytesHeaderParser
+    from email.policy import compat32
+
+    lines = []
+    for name, value, folded in headers:
+        lines.append(f"{name}: {value}\r\n\t{value}" if folded else f"{name}: {value}")
+    data = ("\r\n".join(lines) + "\r\n\r\nX-Binding: body\r\n" + body).encode()
+    ref = BytesHeaderParser(policy=compat32).parsebytes(data).get("X-Binding")
+    want = None if ref is None else " ".join(str(ref).split()) or None
+    got = router.header_binding(data)
+    assert (None if got is None else " ".join(got.split())) == want

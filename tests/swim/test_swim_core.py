@@ -28,9 +28,7 @@ class Net:
         self.now = 0.0
         self.captured: list[tuple[bytes, tuple[str, int]]] = []
 
-    def add(
-        self, name: str, seeds: tuple[tuple[str, int], ...] = (), meta: bytes = b"", **kw: object
-    ) -> Swim:
+    def add(self, name: str, seeds: tuple[tuple[str, int], ...] = (), meta: bytes = b"") -> Swim:
         addr = (f"10.0.0.{len(self.nodes) + 1}", 4801)
         s = Swim(
             name=name,
@@ -42,7 +40,6 @@ class Net:
             meta=meta,
             rng=random.Random(len(self.nodes)),
             now=self.now,
-            **kw,  # type: ignore[arg-type]
         )
         self.nodes[addr] = s
         return s

@@ -87,7 +87,7 @@ class NodeMetrics:
             return
         recent = self.node.resolver.stats.recent
         for t in recent:
-            if t.at > self._last_takeover_at:
+            if t.at > self._last_takeover_at and t.latency is not None:
                 self.failover_seconds.observe(t.latency)
         if recent:
             self._last_takeover_at = max(self._last_takeover_at, max(t.at for t in recent))

@@ -12,8 +12,6 @@ Two questions, kept apart on purpose:
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 from typing import Literal
 
 import xxhash
@@ -52,17 +50,34 @@ def _followed_binding(config: Config, listener: Listener) -> str | None:
 
 
 def header_binding(data: bytes) -> str | None:
-    """The value of the first ``X-Binding:`` header, if any (header section only)."""
+    """The value of the first ``X-Binding:`` header, if any (header section only).
+
+    A hand-rolled scan (unfolding continuation lines): the ``email`` parser
+    cost about 80 µs per message on the ingest path.
+    """
     head = data[:HEADER_SCAN_LIMIT]
-    end = head.find(b"\r\n\r\n")
-    if end >= 0:
-        head = head[: end + 2]
-    msg = BytesHeaderParser(policy=compat32).parsebytes(head)
-    value = msg.get("X-Binding")
-    if value is None:
+    if b"x-binding" not in head.lower():
         return None
-    text = str(value).strip()
-    return text or None
+    current: bytes | None = None
+    for line in head.splitlines():
+        if line[:1] in (b" ", b"\t") and current is not None:
+            current += b" " + line.strip()
+            continue
+        if current is not None:
+            found = _binding_value(current)
+            if found is not None:
+                return found
+        if not line.strip():
+            return None  # end of the header section
+        current = line
+    return None if current is None else _binding_value(current)
+
+
+def _binding_value(header: bytes) -> str | None:
+    name, colon, value = header.partition(b":")
+    if not colon or name.strip().lower() != b"x-binding":
+        return None
+    return value.strip().decode("utf-8", "replace") or None
 
 
 def known_target(config: Config, name: str) -> str | None:

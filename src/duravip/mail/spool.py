@@ -373,7 +373,11 @@ class Spool:
                     self._prune_seen()
                 b.epoch = self._epoch
                 try:
-                    placed = await trio.to_thread.run_sync(self._write_sync, b.items, rotate)
+                    if rotate:
+                        placed = await trio.to_thread.run_sync(self._write_sync, b.items, rotate)
+                    else:
+                        # A page-cache append of a few KB: cheaper inline than a thread hop.
+                        placed = self._write_sync(b.items, rotate)
                 except OSError as exc:
                     b.error = exc
                     log.error("spool: write failed: %s", exc)

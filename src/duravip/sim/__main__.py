@@ -44,8 +44,13 @@ async def scenario(
     meta_changes: int = 5,
     meta_size: int = 1024,
     warmup: float = 2.0,
+    restart_after: float = 0.0,
 ) -> dict[str, Any]:
-    """Bootstrap ``nodes``, kill ``kill`` of them and change some views; measure."""
+    """Bootstrap ``nodes``, kill ``kill`` of them and change some views; measure.
+
+    With ``restart_after`` every victim comes back (fresh process, same name) that
+    long after its kill, so a small cluster can be killed many times.
+    """
     timers = PRESETS[profile]
     sim = Simulation(timers=timers, seed=seed, loss=loss)
     sim.add_cluster(nodes)
@@ -53,19 +58,30 @@ async def scenario(
     sim.msgs_sent = sim.bytes_sent = 0
     start = sim.now
     names = list(sim.nodes)
-    victims = sim.rng.sample(names, min(kill, max(0, nodes - 2)))
+    if restart_after > 0:
+        pool = names[1:] if nodes > 1 else []
+        victims = [sim.rng.choice(pool) for _ in range(kill)] if pool else []
+    else:
+        victims = sim.rng.sample(names, min(kill, max(0, nodes - 2)))
     others = [n for n in names if n not in victims]
     actions: list[tuple[float, str, str]] = []
     for i, v in enumerate(victims):
-        actions.append((start + seconds * 0.6 * (i + 0.5) / len(victims), "kill", v))
+        t = start + seconds * 0.6 * (i + 0.5) / len(victims)
+        actions.append((t, "kill", v))
+        if restart_after > 0:
+            actions.append((t + restart_after, "restart", v))
     for j in range(meta_changes):
-        owner = sim.rng.choice(others)
+        owner = sim.rng.choice(others or names)
         actions.append((start + seconds * 0.7 * (j + 0.5) / meta_changes, "meta", owner))
     actions.sort()
     for t, what, who in actions:
         await sim.run_until(t)
         if what == "kill":
-            sim.kill(who)
+            if sim.nodes[who].status == "up":
+                sim.kill(who)
+        elif what == "restart":
+            if sim.nodes[who].status == "crashed":
+                sim.restart(who)
         else:
             sim.change_meta(who, sim.rng.randbytes(meta_size))
     await sim.run_until(start + seconds)
@@ -76,6 +92,7 @@ async def scenario(
         "profile": profile,
         "seconds": seconds,
         "seed": seed,
+        "restart_after": restart_after,
         "loss": loss,
         "kills": len(sim.kills),
         "undetected": sum(1 for k in sim.kills if k.done is None),
@@ -103,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", type=float, default=0.0, help="packet loss probability per datagram")
     p.add_argument("--kill", type=int, default=1, help="nodes crashed during the run")
     p.add_argument("--profile", choices=sorted(PRESETS), default="lan")
+    p.add_argument(
+        "--restart-after", type=float, default=0.0, help="restart each victim this long after its kill"
+    )
     p.add_argument("--meta-changes", type=int, default=5)
     p.add_argument("--meta-size", type=int, default=1024)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -122,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             profile=args.profile,
             meta_changes=args.meta_changes,
             meta_size=args.meta_size,
+            restart_after=args.restart_after,
         ),
         clock=trio.testing.MockClock(autojump_threshold=0),
     )

@@ -41,6 +41,14 @@ class BroadcastQueue:
         self._order += 1
         self._items[key] = _Item(key, payload, self._order)
 
+    def refresh(self, key: str, payload: bytes) -> bool:
+        """Swap the payload of a pending update, keeping its transmit count; False if none."""
+        item = self._items.get(key)
+        if item is None:
+            return False
+        item.payload = payload
+        return True
+
     def pending(self, key: str) -> bytes | None:
         item = self._items.get(key)
         return None if item is None else item.payload

@@ -440,7 +440,7 @@ class Swim:
                 self._new_stream("push_pull", node.addr, PushPull(False, self._records()))
         # reconnect: try one member we believe dead (or forgot); after a partition heals
         # this is what brings the two sides back together
-        dead = [n.addr for n in self.table if n.state == State.DEAD]
+        dead = [n.addr for n in self.table.gone() if n.state == State.DEAD]
         dead += [t.addr for t in self.table.tombstones.values() if not t.left]
         if dead:
             self.counters["reconnect_attempts"] += 1
@@ -469,13 +469,7 @@ class Swim:
     def _gossip(self, now: float) -> None:
         live = self.table.live_peers()
         horizon = now - self.timers.gossip_to_the_dead_time
-        dead = [
-            n.name
-            for n in self.table
-            if n.state in (State.DEAD, State.LEFT)
-            and n.state_since >= horizon
-            and n is not self.local
-        ]
+        dead = [n.name for n in self.table.gone() if n.state_since >= horizon]
         targets = live + dead
         if not targets:
             return
@@ -731,7 +725,11 @@ class Swim:
             susp = self._suspicions.get(s.name)
             if susp is not None and susp.confirm(s.sender):
                 self.counters["suspect_confirmations"] += 1
-                self.broadcasts.queue(s.name, codec.encode_message(s))
+                # pass the confirmation on, but only our own observation earns a new wave
+                # of transmits: relaying every confirmation would cost O(k) waves per failure
+                payload = codec.encode_message(s)
+                if not self.broadcasts.refresh(s.name, payload) and s.sender == self.name:
+                    self.broadcasts.queue(s.name, payload)
             return
         node.incarnation = s.incarnation
         node.state = State.SUSPECT
@@ -923,7 +921,7 @@ class Swim:
 
     def _reap(self, now: float) -> None:
         nxt = math.inf
-        for node in list(self.table):
+        for node in list(self.table.gone()):
             if node is self.local or node.state not in (State.DEAD, State.LEFT):
                 continue
             if node.state_since + self._reclaim_after() <= now:

@@ -138,6 +138,7 @@ class MemberTable:
         self._order: list[str] = []
         self._index = 0
         self._peers_cache: list[str] | None = None
+        self._gone_cache: list[NodeState] | None = None
 
     def __contains__(self, name: str) -> bool:
         return name in self.nodes
@@ -169,6 +170,7 @@ class MemberTable:
     def changed(self) -> None:
         """Invalidate cached peer lists (call after any state change)."""
         self._peers_cache = None
+        self._gone_cache = None
 
     def live_peers(self) -> list[str]:
         """Alive or suspect members other than self (cached until a change)."""
@@ -179,6 +181,16 @@ class MemberTable:
                 if n.name != self.local and n.state in (State.ALIVE, State.SUSPECT)
             ]
         return self._peers_cache
+
+    def gone(self) -> list[NodeState]:
+        """Dead or left members other than self (cached until a change)."""
+        if self._gone_cache is None:
+            self._gone_cache = [
+                n
+                for n in self.nodes.values()
+                if n.name != self.local and n.state in (State.DEAD, State.LEFT)
+            ]
+        return self._gone_cache
 
     def active_count(self) -> int:
         """Members counted for timeouts and retransmits: alive + suspect, self included."""
