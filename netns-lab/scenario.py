@@ -62,8 +62,23 @@ class HolderSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append((time.monotonic(), holders(self.lab, self.nodes)))
+            t = time.monotonic()
+            self.samples.append((t, self._confirmed(holders(self.lab, self.nodes))))
             self._stop.wait(self.interval)
+
+    def _confirmed(self, sample: dict[str, list[str]]) -> dict[str, list[str]]:
+        """Drop doubles that a sequential read made up.
+
+        Nodes are read one after another (a few ms each), so a clean handover
+        can look like two holders: the old one read before it released, the
+        new one after it plumbed. Re-reading the earlier holders settles it:
+        one that still holds the IP held it when the later one was read too.
+        """
+        for ip, hs in sample.items():
+            if len(hs) > 1:
+                still = [h for h in hs[:-1] if ip in self.lab.holds(h)]
+                sample[ip] = [*still, hs[-1]]
+        return sample
 
     def __enter__(self) -> HolderSampler:
         self._thread.start()

@@ -177,7 +177,7 @@ def keepalived_node(node: str, d: Path) -> int:
         [
             "keepalived", "-n", "-l", "-D", "-P", "-f", str(d / "keepalived.conf"),
             "-p", str(d / "keepalived.pid"), "-r", str(d / "vrrp.pid"), "-c", str(d / "chk.pid"),
-        ]  # fmt: skip
+        ]
     )
     sa = subprocess.Popen([sys.executable, str(LABDIR / "standin.py"), node])
     stop = threading.Event()

@@ -312,3 +312,35 @@ def test_mutated_valid_packets_never_raise(
     s.tick(5.0)
     s.outgoing()
     assert s.members()["x"].state == State.ALIVE  # nothing makes it think itself dead
+
+
+def test_unreachable_hint_only_hastens_indirect_probe() -> None:
+    net, nodes = cluster(3)
+    a = nodes[0]
+    net.down.add("n1")
+    net.down.add("n2")  # nobody answers: we look at a's own outputs only
+    # advance to the start of a's next probe
+    first = a._probe.seq if a._probe is not None else None
+    while a._probe is None or a._probe.seq == first:
+        net.now = a.next_deadline()
+        a.tick(net.now)
+    p = a._probe
+    target = a.table.get(p.target)
+    assert target is not None
+    a.outgoing()
+    sent_before = a.counters["ping_reqs_sent"]
+    a.hint_unreachable(target.addr, net.now)
+    a.tick(net.now)
+    assert a.counters["ping_reqs_sent"] > sent_before  # indirect probes went out at once
+    assert state(a, p.target) == State.ALIVE  # but the hint alone never suspects
+    a.hint_unreachable(("10.9.9.9", 1), net.now)  # unrelated address: ignored
+    assert a.counters["unreachable_hints"] == 1
+
+
+def test_set_meta_while_leaving_does_not_cancel_the_leave() -> None:
+    net, nodes = cluster(3)
+    nodes[2].leave(net.now)
+    nodes[2].set_meta(b"late", net.now)
+    net.pump()
+    net.run(1.0)
+    assert state(nodes[0], "n2") == State.LEFT

@@ -270,7 +270,7 @@ def _services(node: Node, ip: IPv4Address) -> str:
         for v in node.snapshot.value.views.values():
             claim = v.vips.get(ip)
             if claim is not None:
-                vip = claim  # type: ignore[assignment]
+                vip = claim
                 break
     if vip is None:
         return "-"

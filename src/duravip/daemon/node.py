@@ -20,11 +20,11 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from collections.abc import Mapping
 from functools import partial
 from ipaddress import IPv4Address
 from pathlib import Path
 
+import attrs
 import trio
 from trio_util import AsyncValue
 
@@ -78,11 +78,14 @@ class Node:
         self.telemetry = NodeMetrics(self.registry, self)
         self.shutdown_requested = trio.Event()
         self.exit_code = 0
-        self.view_version = 1
         self.snapshot: AsyncValue[ClusterSnapshot] = AsyncValue(
             ClusterSnapshot(local=config.cluster.node_name, states={}, views={})
         )
         self._decoded: dict[str, tuple[int, NodeView]] = {}
+        self._prev_states: dict[str, str] = {}
+        self._rejoining: set[str] = set()
+        self._decoded_prev: dict[str, NodeView] = {}
+        self._reannounce = trio.Event()
         self.views_changed_at = time.monotonic()
         # Filled as services start.
         self.plumbing: PlumbingWorker
@@ -177,6 +180,7 @@ class Node:
                     )
                 )
                 nursery.start_soon(self._follow_decisions)
+                nursery.start_soon(self._reannounce_loop)
                 nursery.start_soon(self._notify_ready)
                 log.info("node started", extra={"fields": {"members": len(self.snapshot.value.states)}})
                 await self._serve_signals()
@@ -198,20 +202,8 @@ class Node:
 
     # --------------------------------------------------------- membership
 
-    def local_view(
-        self,
-        *,
-        mature: bool,
-        held: frozenset[IPv4Address],
-        overrides: Mapping[IPv4Address, tuple[str, int]] | None = None,
-    ) -> NodeView:
-        return build_view(
-            self.config,
-            version=self.view_version,
-            mature=mature,
-            held=held,
-            overrides=overrides or {},
-        )
+    def local_view(self, *, mature: bool, held: frozenset[IPv4Address]) -> NodeView:
+        return build_view(self.config, version=0, mature=mature, held=held)
 
     def _publish_view(self, view: NodeView) -> None:
         self.membership.set_meta(encode(view))
@@ -231,22 +223,51 @@ class Node:
                 continue
             cached = self._decoded.get(name)
             if cached is not None and cached[0] == member.meta_version:
-                views[name] = cached[1]
-                continue
-            try:
-                view = decode(member.meta)
-            except ValueError as e:
-                self.telemetry.dropped_views.inc()
-                log.warning("undecodable view", extra={"fields": {"node": name, "error": e}})
-                continue
-            self._decoded[name] = (member.meta_version, view)
+                view = cached[1]
+            else:
+                try:
+                    view = decode(member.meta)
+                except ValueError as e:
+                    self.telemetry.dropped_views.inc()
+                    log.warning("undecodable view", extra={"fields": {"node": name, "error": e}})
+                    continue
+                self._decoded[name] = (member.meta_version, view)
+                changed = True
+            if member.state in ("alive", "suspect") and self._prev_states.get(name) in ("dead", "left"):
+                self._rejoining.add(name)
+                self._reannounce.set()  # a heal, a resume or a restart: clients may hold stale ARP
+            if member.meta_current:
+                self._rejoining.discard(name)
+            elif name in self._rejoining and view.mature:
+                # Back from dead or left, its current view still being fetched: the
+                # cached one may be a previous run's (that run was mature, this one is
+                # not yet). Its claims on IPs still count; its candidacy waits.
+                view = attrs.evolve(view, mature=False)
+            previous = self._decoded_prev.get(name)
+            if previous is not None and previous.held - view.held:
+                self._reannounce.set()  # a rival released: make sure clients follow us
+            self._decoded_prev[name] = view
             views[name] = view
-            changed = True
         for gone in set(self._decoded) - set(m.members):
             del self._decoded[gone]
+        self._prev_states = states
         if changed:
             self.views_changed_at = time.monotonic()
         return ClusterSnapshot(local=m.local, states=states, views=views)
+
+    async def _reannounce_loop(self) -> None:
+        """GARP every IP held here when the cluster heals or a rival releases one.
+
+        After a partition heals (or a paused node resumes) two nodes held an IP
+        and clients' ARP caches may point at the one that just released it: a
+        black hole until the entry expires, unless the holder announces again.
+        """
+        while True:
+            await self._reannounce.wait()
+            self._reannounce = trio.Event()
+            if self.resolver is not None and self.resolver.held.value:
+                await self.plumbing.announce(self.resolver.held.value)
+            await trio.sleep(self.config.cluster.timers.gossip_interval)
 
     async def _wait_synced(self) -> None:
         """Bounded wait until the seeds answered and every alive member's view is known."""

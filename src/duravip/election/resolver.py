@@ -24,7 +24,7 @@ from trio_util import AsyncValue
 from duravip.config import Config
 from duravip.election.handover import plan
 from duravip.election.quorum import LIVE_STATES, StableMembership, apply_quorum
-from duravip.election.rule import Decision, Resolver
+from duravip.election.rule import Decision, Resolver, resolve
 from duravip.election.view import NodeView, Override, build_view
 
 __all__ = [
@@ -129,6 +129,9 @@ class ResolverService:
         self._stopping = False
         self._snap_at = self._started
         self._gone_since: dict[str, float] = {}
+        self._defer_until = math.inf
+        #: When each live peer was first seen live (for the cold-start deferral).
+        self._live_since: dict[str, float] = {}
         self._last_views: Mapping[str, NodeView] = {}
         self._retry_at = -math.inf
         self._backoff = _BACKOFF_MIN
@@ -232,6 +235,7 @@ class ResolverService:
             nd = self._stable.next_deadline()
             if nd is not None:
                 times.append(nd)
+        times.append(self._defer_until)
         future = [t for t in times if t > trio.current_time()]
         return min(future, default=math.inf)
 
@@ -247,6 +251,8 @@ class ResolverService:
     async def _step(self, snap: ClusterSnapshot) -> None:
         """Recompute and act; call with the lock held."""
         now = trio.current_time()
+        if now >= self._defer_until:
+            self._defer_until = math.inf
         if not self._mature and now >= self._mature_at:
             self._mature = True
             self._republish()
@@ -255,8 +261,10 @@ class ResolverService:
         for node, state in states.items():
             if state in LIVE_STATES:
                 self._gone_since.pop(node, None)
+                self._live_since.setdefault(node, now)
             else:
                 self._gone_since.setdefault(node, self._snap_at)
+                self._live_since.pop(node, None)
         stale = [
             ip for ip, ov in self._overrides.items() if states.get(ov.target) not in LIVE_STATES
         ]
@@ -290,6 +298,9 @@ class ResolverService:
         if self._stopping:
             return
         p = plan(local=self.local, decisions=decisions, held=held, views=views, states=states)
+        deferred = self._defer_for_newcomers(p.acquire - p.from_dead.keys(), views, states)
+        if deferred:
+            p = attrs.evolve(p, acquire=p.acquire - deferred)
         stray = frozenset(
             ip
             for ip in self._uncertain
@@ -344,6 +355,43 @@ class ResolverService:
                 self._failed(p.acquire - got)
                 return
         self._backoff = _BACKOFF_MIN
+
+    def _defer_for_newcomers(
+        self,
+        free: frozenset[IPv4Address],
+        views: Mapping[str, NodeView],
+        states: Mapping[str, str],
+    ) -> frozenset[IPv4Address]:
+        """Free IPs a live node that is still maturing will own: leave them to it.
+
+        Without this, the first node to mature after a cold start plumbs every
+        IP and hands most of them over a moment later (churn, and two holders
+        for a gossip delay). IPs of a dead or left holder are never deferred:
+        failover must not wait. A newcomer gets ``2 * view_mature_time + 1`` s
+        to mature before the others stop waiting for it.
+        """
+        now = trio.current_time()
+        patience = 2 * self._config.cluster.view_mature_time + 1.0
+        maturing = {
+            n
+            for n, v in views.items()
+            if n != self.local
+            and not v.mature
+            and states.get(n) in LIVE_STATES
+            and now - self._live_since.get(n, now) < patience
+        }
+        if not free or not maturing:
+            return frozenset()
+        optimistic = {n: attrs.evolve(v, mature=True) if n in maturing else v for n, v in views.items()}
+        alive = {n for n, st in states.items() if st in LIVE_STATES}
+        eager = resolve(optimistic, alive)
+        deferred = frozenset(
+            ip for ip in free if ip in eager and eager[ip].owner in maturing
+        )
+        if deferred:
+            wake = min(self._live_since.get(n, now) for n in maturing) + patience
+            self._defer_until = min(self._defer_until, wake)
+        return deferred
 
     def _failed(self, ips: frozenset[IPv4Address]) -> None:
         """Back off before the next actuator call (``ips`` are retried then)."""

@@ -106,6 +106,14 @@ class PlumbingWorker:
                 self._nursery.start_soon(self._announce_rest, wanted)
         return frozenset(got)
 
+    async def announce(self, ips: Iterable[IPv4Address]) -> None:
+        """Gratuitous ARP again for IPs held here (after a heal or a rival's release)."""
+        placements = self._placements([ip for ip in ips if ip in self._desired], "announce")
+        if placements:
+            await self._announce_round(placements)
+            if self._garp_count > 1:
+                self._nursery.start_soon(self._announce_rest, placements)
+
     async def remove(self, ips: Iterable[IPv4Address]) -> None:
         """Unplumb ``ips``; failures are retried by the reconcile loop."""
         async with self._lock:

@@ -333,7 +333,7 @@ class Simulation:
             return
         resp = dst.swim.handle_stream(req.data, src.addr, now)
         self.msgs_sent += 1
-        self.bytes_sent += len(resp)
+        self.bytes_sent += len(req.data) + len(resp)
         self._flush(dst)
         self._push(now + self._delay() + len(resp) / 1e8, _STREAM_DONE, (src, req, resp or None))
 
@@ -365,8 +365,7 @@ class Simulation:
                 continue
             self._push(now + self._delay(), _DELIVER, (dst, data, node.addr))
         for req in swim.stream_requests():
-            self.msgs_sent += 1
-            self.bytes_sent += len(req.data)
+            self.msgs_sent += 1  # a connection attempt; its bytes count once it is served
             self._push(now + self._delay(), _STREAM_ARRIVE, (node, self.by_addr.get(req.addr), req))
         evs = swim.events()
         if evs:

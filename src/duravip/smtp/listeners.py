@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 from ipaddress import IPv4Address
 
@@ -206,6 +207,7 @@ class ListenerManager:
                         # Not one of the transient errors trio retries itself.
                         log.exception("accept failed on %s:%d; listener stops", *running.addr)
                         self._running.pop(running.addr, None)
+                self._drain_backlog(running, sessions)
                 with trio.CancelScope(shield=True):
                     await running.listener.aclose()
                 running.socket_closed.set()
@@ -216,6 +218,27 @@ class ListenerManager:
                 del self._running[running.addr]
             if self._stopping.get(running.addr) is running:
                 del self._stopping[running.addr]
+
+    def _drain_backlog(self, running: _Running, sessions: trio.Nursery) -> None:
+        """Serve connections the kernel completed but we never accepted.
+
+        Closing a listening socket resets every connection still in its accept
+        queue; those clients connected while we were serving, so they get a
+        session (banner, then ``421`` once idle) instead of a reset.
+        """
+        # A dup of the listening fd shares its queue and its O_NONBLOCK flag.
+        with socket.socket(fileno=os.dup(running.listener.socket.fileno())) as raw:
+            while True:
+                try:
+                    conn, _ = raw.accept()
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:
+                    log.debug("backlog drain on %s:%d stopped: %s", *running.addr, exc)
+                    return
+                conn.setblocking(False)
+                stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
+                sessions.start_soon(self._session, stream, running)
 
     async def _session(self, stream: trio.SocketStream, running: _Running) -> None:
         self.counters["sessions"] += 1

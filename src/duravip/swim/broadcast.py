@@ -36,10 +36,13 @@ class BroadcastQueue:
     def __len__(self) -> int:
         return len(self._items)
 
-    def queue(self, key: str, payload: bytes) -> None:
-        """Add an update; it invalidates any pending update with the same key."""
+    def queue(self, key: str, payload: bytes, sent: int = 0) -> None:
+        """Add an update; it invalidates any pending update with the same key.
+
+        ``sent`` pre-counts transmits, for updates worth only a few copies.
+        """
         self._order += 1
-        self._items[key] = _Item(key, payload, self._order)
+        self._items[key] = _Item(key, payload, self._order, sent)
 
     def refresh(self, key: str, payload: bytes) -> bool:
         """Swap the payload of a pending update, keeping its transmit count; False if none."""

@@ -162,7 +162,9 @@ class Swim:
         # stagger the periodic timers so nodes started together do not move in lockstep
         self._next_probe = now + self.rng.uniform(0, timers.probe_interval)
         self._next_gossip = now + self.rng.uniform(0, timers.gossip_interval)
-        self._next_push_pull = now + self._push_pull_interval() * self.rng.uniform(0.5, 1.0)
+        # the push-pull period follows the cluster size (it is recomputed on every use)
+        self._pp_last = now
+        self._pp_factor = self.rng.uniform(0.5, 1.0)
         self._join_backoff = JOIN_BACKOFF_MIN
         self._join_at = now
         self._joins_inflight = 0
@@ -200,9 +202,10 @@ class Swim:
             self._next_gossip += (
                 max(1, math.floor((now - self._next_gossip) / interval) + 1) * interval
             )
-        if now >= self._next_push_pull:
+        if now >= self._next_push_pull():
             self._periodic_push_pull(now)
-            self._next_push_pull = now + self._push_pull_interval()
+            self._pp_last = now
+            self._pp_factor = self.rng.uniform(0.9, 1.1)
         if self.seeds and not self._leaving and now >= self._join_at:
             if self.table.live_peers():
                 self._join_backoff = JOIN_BACKOFF_MIN
@@ -220,7 +223,7 @@ class Swim:
             d = min(d, p.end if (p.indirect_sent or p.acked) else p.direct_deadline)
         if len(self.broadcasts):
             d = min(d, self._next_gossip)
-        d = min(d, self._next_push_pull, self._next_reap)
+        d = min(d, self._next_push_pull(), self._next_reap)
         if self.seeds and not self._leaving:
             d = min(d, self._join_at)
         for s in self._suspicions.values():
@@ -260,9 +263,14 @@ class Swim:
         local.have_version = local.meta_version
         local.meta_digest = local.have_digest = meta_digest(meta)
         local.meta_len = len(meta)
+        self._touch(local, "meta-changed")
+        if self._leaving:
+            return  # an alive now would cancel the leave
         local.incarnation += 1
         self._broadcast_alive(local)
-        self._touch(local, "meta-changed")
+        # Push the new digest now instead of at the next gossip tick: a handover
+        # (release here, plumb there) waits on exactly this message.
+        self._gossip(now)
 
     def leave(self, now: float) -> None:
         """Announce a graceful leave: others mark this node ``left`` at once."""
@@ -422,6 +430,9 @@ class Swim:
         self._join_at = now + self._join_backoff
         self._join_backoff = min(JOIN_BACKOFF_MAX, self._join_backoff * 2)
 
+    def _next_push_pull(self) -> float:
+        return self._pp_last + self._push_pull_interval() * self._pp_factor
+
     def _push_pull_interval(self) -> float:
         """memberlist's scaling: slower anti-entropy beyond 32 nodes keeps per-node load flat."""
         n = self.table.active_count()
@@ -493,16 +504,14 @@ class Swim:
             if not p.acked:
                 self._probe_failed(p, now)
             node = self.table.get(p.target)
-            susp = self._suspicions.get(p.target)
             if (
-                node is not None
+                p.acked
+                and node is not None
                 and node.state == State.SUSPECT
-                and susp is not None
-                and susp.confirmations < susp.k
                 and p.target not in self._urgent
             ):
-                # keep asking while the suspicion is unconfirmed (a live node refutes to us);
-                # once k others confirmed it, more probes would not change anything
+                # it answers but the refutation has not reached us: keep asking (with the
+                # suspicion attached) every period; a failed probe instead confirmed it
                 self._urgent.append(p.target)
         if self._probe is None and now >= self._next_probe:
             if self._leaving:
@@ -531,7 +540,7 @@ class Swim:
             direct_deadline=now + self.awareness.scale(self.timers.probe_timeout),
             end=now + interval,
         )
-        msgs: list[Message] = [Ping(seq, target.name, self.name, self.addr)]
+        msgs: list[Message] = [Ping(seq, target.name, self.name, self.addr), *self._own_state()]
         if target.state == State.SUSPECT:
             # Lifeguard buddy system: tell the suspect directly so it can refute at once
             msgs.append(Suspect(target.incarnation, target.name, self.name))
@@ -604,7 +613,7 @@ class Swim:
                 self.counters["dropped_misdirected"] += 1
                 return
             self.counters["acks_sent"] += 1
-            self._send(addr, [Ack(m.seq)])
+            self._send(addr, [Ack(m.seq), *self._own_state()])
         elif isinstance(m, Ack):
             self._on_ack(m.seq, now)
         elif isinstance(m, Nack):
@@ -682,7 +691,8 @@ class Swim:
             self._want_meta(node, now)
             return
         if a.incarnation <= node.incarnation:
-            self.counters["dropped_stale"] += 1
+            if a.incarnation < node.incarnation:
+                self.counters["dropped_stale"] += 1
             return
         prev = node.state
         node.incarnation = a.incarnation
@@ -725,11 +735,13 @@ class Swim:
             susp = self._suspicions.get(s.name)
             if susp is not None and susp.confirm(s.sender):
                 self.counters["suspect_confirmations"] += 1
-                # pass the confirmation on, but only our own observation earns a new wave
-                # of transmits: relaying every confirmation would cost O(k) waves per failure
+                # pass the confirmation on with the copies of the suspicion still pending;
+                # our own observation gets one gossip round's worth of copies more, not a
+                # full wave (a wave per confirming node would cost O(n) waves at scale)
                 payload = codec.encode_message(s)
                 if not self.broadcasts.refresh(s.name, payload) and s.sender == self.name:
-                    self.broadcasts.queue(s.name, payload)
+                    limit = self._limit()
+                    self.broadcasts.queue(s.name, payload, max(0, limit - self.timers.gossip_nodes))
             return
         node.incarnation = s.incarnation
         node.state = State.SUSPECT
@@ -800,6 +812,11 @@ class Swim:
         if node is not None and node is not self.local:
             self.counters["direct_refutes"] += 1
             self._send(node.addr, [self._alive_msg(self.local)], piggyback=False)
+
+    def _own_state(self) -> list[Message]:
+        """Our own alive, carried by every ping and ack at no transmit cost: a node that
+        missed our latest gossip (a view change) catches up at its next exchange with us."""
+        return [] if self._leaving else [self._alive_msg(self.local)]
 
     def _alive_msg(self, node: NodeState) -> Alive:
         return Alive(

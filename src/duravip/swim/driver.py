@@ -181,7 +181,7 @@ class MembershipService:
                 with trio.move_on_at(deadline if math.isfinite(deadline) else now + 3600):
                     await self._wake.wait()
             else:
-                await trio.sleep(0)  # never spin without a checkpoint
+                await trio.sleep(0.001)  # overdue: never spin
             self._wake = trio.Event()
             self._swim.tick(trio.current_time())
             self._flush()
