@@ -95,6 +95,8 @@ class MailService:
         self._dv = duravip_bindings(config)
         self._wake = trio.Event()
         self._inflight: set[str] = set()
+        #: Cancel scopes of the deliveries running per binding.
+        self._delivering: dict[str, set[trio.CancelScope]] = {}
         #: Open mmove connections per node.
         self._moving: dict[str, int] = defaultdict(int)
         self._node_retry_at: dict[str, float] = {}
@@ -154,6 +156,11 @@ class MailService:
                 node = new.get(b)
                 if node is not None:
                     self._node_retry_at.pop(node, None)
+                if self.route_of(b)[0] != "local":
+                    # Its IP is gone from here: a delivery still talking from it
+                    # cannot finish; stop it so the queue can follow the binding.
+                    for scope in self._delivering.get(b, ()):
+                        scope.cancel()
         self.wake()
 
     def held_here(self) -> frozenset[str]:
@@ -352,6 +359,20 @@ class MailService:
     async def _deliver_worker(
         self, limiter: trio.CapacityLimiter, binding: str, msgs: list[QueuedMessage]
     ) -> None:
+        scope = trio.CancelScope()
+        self._delivering.setdefault(binding, set()).add(scope)
+        try:
+            with scope:
+                await self._deliver_batch(limiter, binding, msgs)
+        finally:
+            self._delivering[binding].discard(scope)
+            self._inflight.difference_update(m.id for m in msgs)
+            self._dirty.update(m.id for m in msgs)
+            self._wake.set()
+
+    async def _deliver_batch(
+        self, limiter: trio.CapacityLimiter, binding: str, msgs: list[QueuedMessage]
+    ) -> None:
         try:
             async with limiter:
                 smarthost = self.config.delivery.smarthost
@@ -364,10 +385,6 @@ class MailService:
                 await self._deliverer.deliver_batch(smarthost, bind, msgs)
         except SpoolError as exc:
             log.error("delivery: spool write failed: %s", exc)
-        finally:
-            self._inflight.difference_update(m.id for m in msgs)
-            self._dirty.update(m.id for m in msgs)
-            self._wake.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The scheduler loop: rebind, then start deliveries and moves that are due."""

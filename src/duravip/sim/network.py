@@ -92,6 +92,10 @@ class Simulation:
         # measurements
         self.msgs_sent = 0
         self.bytes_sent = 0
+        #: integral of the number of running ("up") nodes over time: the fair
+        #: denominator of per-node load when nodes crash during a run
+        self.up_node_seconds = 0.0
+        self._up_count: int | None = None
         self.false_dead: set[str] = set()
         self.false_dead_events: list[tuple[float, str, str]] = []
         self.kills: list[KillRecord] = []
@@ -129,6 +133,7 @@ class Simulation:
         node = SimNode(name, addr, swim)
         self.nodes[name] = node
         self.by_addr[addr] = node
+        self._up_count = None
         self._max_inc[name] = {}
         self._flush(node)
         return node
@@ -151,20 +156,20 @@ class Simulation:
     def kill(self, name: str) -> None:
         """Crash a node: it stops at once, packets to it are lost."""
         node = self.nodes[name]
-        node.status = "crashed"
+        self._set_status(node, "crashed")
         node.inbox.clear()
         observers = {n for n, nd in self.nodes.items() if nd.status == "up"}
         self.kills.append(KillRecord(name, self.now, observers))
         self._forget_observer(name)
 
     def pause(self, name: str) -> None:
-        self.nodes[name].status = "paused"
+        self._set_status(self.nodes[name], "paused")
 
     def resume(self, name: str) -> None:
         node = self.nodes[name]
         if node.status != "paused":
             return
-        node.status = "up"
+        self._set_status(node, "up")
         inbox, node.inbox = node.inbox, []
         for fn in inbox:
             fn()
@@ -178,7 +183,7 @@ class Simulation:
             seeds = [nd.addr for nd in self.nodes.values() if nd.status == "up" and nd is not old][
                 :3
             ]
-        old.status = "crashed"
+        self._set_status(old, "crashed")
         self._forget_observer(name)
         return self.add_node(name, seeds=seeds, meta=meta, addr=old.addr)
 
@@ -189,7 +194,7 @@ class Simulation:
 
     def stop_left(self, name: str) -> None:
         """The left node's process exits."""
-        self.nodes[name].status = "left"
+        self._set_status(self.nodes[name], "left")
         self._forget_observer(name)
 
     def partition(self, *groups: Iterable[str]) -> None:
@@ -258,10 +263,10 @@ class Simulation:
             bucket_end = min(t_end, (math.floor(t / g) + 1) * g)
             while heap and heap[0][0] <= bucket_end:
                 t, _, kind, payload = heapq.heappop(heap)
-                self.now = max(self.now, t)
+                self._advance(t)
                 self._dispatch(kind, payload)
         await trio.sleep_until(self._t0 + t_end)
-        self.now = t_end
+        self._advance(t_end)
 
     async def run_until_converged(self, timeout: float, step: float = 0.1) -> float | None:
         """Run until :meth:`converged`; the time it took, or None on timeout."""
@@ -273,6 +278,17 @@ class Simulation:
         return self.now - start if self.converged() else None
 
     # ------------------------------------------------------------------ internals
+
+    def _advance(self, t: float) -> None:
+        if t > self.now:
+            if self._up_count is None:
+                self._up_count = sum(1 for nd in self.nodes.values() if nd.status == "up")
+            self.up_node_seconds += (t - self.now) * self._up_count
+            self.now = t
+
+    def _set_status(self, node: SimNode, status: NodeStatus) -> None:
+        node.status = status
+        self._up_count = None
 
     def _push(self, t: float, kind: int, payload: Any) -> None:
         heapq.heappush(self._heap, (t, next(self._seq), kind, payload))
