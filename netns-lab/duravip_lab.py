@@ -681,11 +681,13 @@ class Lab:
         interval: float = 0.02,
         seconds: float = 5.0,
         timeout: float = 0.5,
+        until_ok: bool = False,
     ) -> list[dict[str, Any]]:
         """From the client: connect every ``interval`` for ``seconds``, read the banner."""
         argv = [
             self.spec.python, str(HERE / "probe.py"), f"{ip}:{port}",
             "--interval", str(interval), "--seconds", str(seconds), "--timeout", str(timeout),
+            *(["--until-ok"] if until_ok else []),
         ]  # fmt: skip
         p = self.exec("client", argv, check=True, timeout=seconds + timeout + 30)
         return [json.loads(line) for line in p.stdout.splitlines() if line.strip()]

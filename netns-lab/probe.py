@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=0.02)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--timeout", type=float, default=0.5)
+    ap.add_argument("--until-ok", action="store_true", help="stop at the first good banner")
     args = ap.parse_args()
     ip, _, port = args.target.partition(":")
     interval = max(args.interval, 0.001)
@@ -85,6 +86,8 @@ def main() -> None:
         t = time.monotonic() - start
         rec = {"t": round(t, 4), "ts": time.time(), **attempt(ip, int(port or 25), args.timeout)}
         print(json.dumps(rec), flush=True)
+        if args.until_ok and rec["ok"]:
+            break
 
 
 if __name__ == "__main__":

@@ -82,8 +82,9 @@ def show(lab: Any, node: str) -> dict[str, Any]:
     return {d["ip"]: d for d in data["duravips"]}
 
 
-def banner_node(lab: Any, ip: str) -> str | None:
-    recs = lab.probe(ip, seconds=0.01, interval=0.01, timeout=1.0)
+def banner_node(lab: Any, ip: str, within: float = 1.0) -> str | None:
+    """The node whose banner answers on ``ip`` first, trying for ``within`` seconds."""
+    recs = lab.probe(ip, seconds=within, interval=0.05, timeout=0.3, until_ok=True)
     ok = [r for r in recs if r["ok"]]
     return ok[0]["node"] if ok else None
 

@@ -166,7 +166,7 @@ FAULT = st.tuples(
 
 
 @settings(
-    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(faults=st.lists(FAULT, max_size=6), seed=st.integers(0, 2**16))
 async def test_random_fault_schedules_converge(

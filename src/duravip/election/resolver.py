@@ -201,6 +201,9 @@ class ResolverService:
     async def release_all(self) -> None:
         """Graceful shutdown: release every IP, announce; acquire nothing more."""
         self._stopping = True
+        # Stop being a candidate first: the others elect new owners now and
+        # wait only for the release below.
+        self._republish()
         async with self._lock:
             todo = self.held.value | self._uncertain
             for attempt in range(3):

@@ -123,7 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kill", type=int, default=1, help="nodes crashed during the run")
     p.add_argument("--profile", choices=sorted(PRESETS), default="lan")
     p.add_argument(
-        "--restart-after", type=float, default=0.0, help="restart each victim this long after its kill"
+        "--restart-after",
+        type=float,
+        default=0.0,
+        help="restart each victim this long after its kill",
     )
     p.add_argument("--meta-changes", type=int, default=5)
     p.add_argument("--meta-size", type=int, default=1024)

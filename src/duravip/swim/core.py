@@ -212,6 +212,8 @@ class Swim:
                 self._join_at = now + JOIN_BACKOFF_MAX
             elif self._joins_inflight == 0:
                 self._start_join(self.seeds, now)
+            else:
+                self._join_at = now + self._join_backoff  # still waiting for the last round
         self._tick_meta(now)
         if now >= self._next_reap:
             self._reap(now)
@@ -338,10 +340,10 @@ class Swim:
         try:
             msg = codec.decode_stream(self.keyring.open(request, self.cluster, TCP))
         except CryptoError as exc:
-            self.counters[f"stream_dropped_{exc.reason}"] += 1
+            self.counters[f"dropped_stream_{exc.reason}"] += 1
             return b""
         except CodecError:
-            self.counters["stream_dropped_parse"] += 1
+            self.counters["dropped_stream_parse"] += 1
             return b""
         if isinstance(msg, PushPull):
             self._merge(msg.records, now)
@@ -356,7 +358,7 @@ class Swim:
             else:
                 reply = MetaResponse(msg.name, False, 0, 0, b"")
         else:
-            self.counters["stream_dropped_parse"] += 1
+            self.counters["dropped_stream_parse"] += 1
             return b""
         return self.keyring.seal(codec.encode_stream(reply), self.cluster, TCP)
 
@@ -371,9 +373,9 @@ class Swim:
             try:
                 msg = codec.decode_stream(self.keyring.open(response, self.cluster, TCP))
             except CryptoError as exc:
-                self.counters[f"stream_dropped_{exc.reason}"] += 1
+                self.counters[f"dropped_stream_{exc.reason}"] += 1
             except CodecError:
-                self.counters["stream_dropped_parse"] += 1
+                self.counters["dropped_stream_parse"] += 1
         if kind in ("join", "push_pull"):
             if kind == "join":
                 self._joins_inflight = max(0, self._joins_inflight - 1)

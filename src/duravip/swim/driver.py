@@ -166,12 +166,31 @@ class MembershipService:
         while True:
             try:
                 data, addr = await self._udp.recvfrom(MAX_DATAGRAM)
-            except OSError as exc:  # e.g. ECONNREFUSED from an ICMP error
+            except OSError as exc:  # ECONNREFUSED & co: an ICMP error is queued
                 self._swim.counters["recv_errors"] += 1
                 log.debug("recvfrom: %s", exc)
+                self._drain_errors()
                 continue
             self._swim.receive_datagram(data, (addr[0], addr[1]), trio.current_time())
             self._kick()
+
+    def _drain_errors(self) -> None:
+        """Read IP_RECVERR reports: a port unreachable from a peer hints its process died.
+
+        The hint may only move our probe of it to the indirect stage early; it never
+        suspects anybody by itself.
+        """
+        for _ in range(64):
+            try:
+                _, _, _, addr = self._udp_raw.recvmsg(1, 512, socket.MSG_ERRQUEUE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                log.debug("error queue: %s", exc)
+                break
+            if isinstance(addr, tuple) and len(addr) >= 2:
+                self._swim.hint_unreachable((addr[0], addr[1]), trio.current_time())
+        self._kick()
 
     async def _timer_loop(self) -> None:
         while True:
@@ -203,6 +222,11 @@ async def serve(
     tcp = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     with udp, tcp:
         udp.setblocking(False)
+        ip_recverr = getattr(socket, "IP_RECVERR", 11)  # Linux value when Python lacks it
+        try:
+            udp.setsockopt(socket.IPPROTO_IP, ip_recverr, 1)
+        except OSError as exc:
+            log.debug("IP_RECVERR unavailable: %s", exc)
         tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         udp.bind(bind)
         await tcp.bind(bind)
