@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
 
 import attrs
@@ -148,3 +152,66 @@ async def test_port_unreachable_is_only_a_hint() -> None:
             assert states(a.snapshot.value)["b"] in ("alive", "suspect")  # a hint kills nobody
             await wait_for(a, lambda m: states(m).get("b") == "dead", 5)
             nursery.cancel_scope.cancel()
+
+
+NODE_PROC = """
+import json, sys, trio, attrs
+from duravip.config.model import PRESETS
+from duravip.swim.crypto import Keyring
+from duravip.swim.driver import serve
+
+name, port, seed, key = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+
+async def main():
+    async with trio.open_nursery() as n:
+        svc = await n.start(lambda task_status: serve(
+            name=name, bind=("127.0.0.1", port), cluster="proc",
+            timers=attrs.evolve(PRESETS["fast"], dead_node_reclaim_time=60.0),
+            keyring=Keyring.parse(key), seeds=[("127.0.0.1", seed)] if seed else [],
+            task_status=task_status))
+        async for m in svc.snapshot.eventual_values():
+            print(json.dumps({k: str(v.state) for k, v in m.members.items()}), flush=True)
+
+trio.run(main)
+"""
+
+
+async def test_two_processes_form_a_cluster_and_detect_a_sigkill() -> None:
+    key = Keyring.generate().dumps()
+    pa, pb = free_port(), free_port()
+    procs: list[trio.Process] = []
+    try:
+        with trio.fail_after(30):
+            a = await trio.lowlevel.open_process(
+                [sys.executable, "-c", NODE_PROC, "a", str(pa), "0", key], stdout=subprocess.PIPE
+            )
+            procs.append(a)
+            b = await trio.lowlevel.open_process(
+                [sys.executable, "-c", NODE_PROC, "b", str(pb), str(pa), key],
+                stdout=subprocess.DEVNULL,
+            )
+            procs.append(b)
+            assert a.stdout is not None
+            buf = b""
+
+            async def next_state() -> dict[str, str]:
+                nonlocal buf
+                while b"\n" not in buf:
+                    chunk = await a.stdout.receive_some()  # type: ignore[union-attr]
+                    assert chunk, "node a exited"
+                    buf += chunk
+                line, buf = buf.split(b"\n", 1)
+                out: dict[str, str] = json.loads(line)
+                return out
+
+            while (await next_state()).get("b") != "alive":
+                pass
+            b.send_signal(signal.SIGKILL)
+            while (await next_state()).get("b") != "dead":
+                pass
+    finally:
+        for p in procs:  # only the processes this test started, by handle
+            if p.returncode is None:
+                p.kill()
+            with trio.move_on_after(5):
+                await p.wait()

@@ -198,7 +198,7 @@ class Swim:
         if now >= self._next_gossip:
             if len(self.broadcasts):
                 self._gossip(now)
-            interval = self.timers.gossip_interval
+            interval = max(1e-3, self.timers.gossip_interval)
             self._next_gossip += (
                 max(1, math.floor((now - self._next_gossip) / interval) + 1) * interval
             )
