@@ -74,13 +74,13 @@ class Timers:
 #: Timer presets. ``fast`` aims at ~250 ms crash detection on a LAN.
 PRESETS: Mapping[str, Timers] = {
     "lan": Timers(
-        probe_interval=1.0,
-        probe_timeout=0.5,
+        probe_interval=0.4,
+        probe_timeout=0.2,
         indirect_checks=3,
         retransmit_mult=4,
-        suspicion_mult=4.0,
+        suspicion_mult=1.5,
         suspicion_max_timeout_mult=6.0,
-        gossip_interval=0.2,
+        gossip_interval=0.1,
         gossip_nodes=3,
         push_pull_interval=30.0,
         awareness_max_multiplier=8,
