@@ -26,7 +26,8 @@ def test_short_chaos_run_loses_nothing(tmp_path: Path) -> None:
         pytest.skip("lab tests need root")
     svg = tmp_path / "chaos.svg"
     cmd = [sys.executable, str(REPO / "scripts" / "chaos"), "--nodes", "3", "--minutes", "1.5",
-           "--seed", "1", "--json", "--svg", str(svg)]
+           "--seed", "1", "--json", "--svg", str(svg),
+           "--keep-logs", str(tmp_path / "logs")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=TIMEOUT_S)
@@ -47,12 +48,12 @@ def test_short_chaos_run_loses_nothing(tmp_path: Path) -> None:
             leftover.down()
     assert out.strip(), f"no JSON on stdout; stderr:\n{err[-3000:]}"
     res = json.loads(out)
-    summary = {k: v for k, v in res.items() if k != "events"}
+    summary = json.dumps({k: v for k, v in res.items() if k != "events"})
     assert res["sent"] > 0 and res["acked"] > 0, summary
     assert sum(res["faults"].values()) > 0, summary
     assert res["lost"] == 0, summary
     assert res["duplicated"] == 0, summary
-    assert res["unanswered_vips"] == [], (summary, err[-3000:])
+    assert res["unanswered_vips"] == [], summary + err[-3000:]
     assert res["bad_holders_at_end"] == {}, summary
     assert proc.returncode == 0, summary
     assert svg.read_text().startswith("<svg")

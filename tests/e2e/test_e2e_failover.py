@@ -272,3 +272,55 @@ def test_mail_before_and_during_crash_delivered_exactly_once(healthy: Any) -> No
     assert all(len(v) == 1 for v in seen.values()), {k: len(v) for k, v in seen.items()}
     assert {r["peer_ip"] for v in seen.values() for r in v} == {"10.1.1.1"}
     assert held["10.1.2.1"] == held["10.1.1.1"]
+
+
+def _members(lab: Any, node: str) -> dict[str, str]:
+    p = lab.console(node, "--json", "cluster", "membership")
+    assert p.returncode == 0, p.stderr
+    return {m["name"]: m["state"] for m in json.loads(p.stdout)["members"]}
+
+
+def test_key_rotation_by_reload_without_disruption(healthy: Any) -> None:
+    import base64
+    import os as _os
+
+    lab = healthy
+    keyring = lab.state_dir / "keyring"
+    old = keyring.read_text().split()[0]
+    new = base64.b64encode(_os.urandom(32)).decode()
+    with HolderSampler(lab) as sampler:
+        for step in ([old, new], [new, old], [new]):  # add, promote, retire
+            keyring.write_text("\n".join(step) + "\n")
+            for n in lab.nodes:
+                p = lab.console(n, "config", "reload")
+                assert p.returncode == 0, p.stderr
+            time.sleep(1.0)
+            for n in lab.nodes:
+                assert set(_members(lab, n).values()) == {"alive"}, (step, n)
+            wait_converged(lab, VIPS, timeout=2, expect=PREFERRED)
+    assert sampler.double_holder_samples() == []
+
+
+def test_node_with_wrong_key_is_refused(healthy: Any) -> None:
+    import base64
+    import os as _os
+
+    lab = healthy
+    assert lab.stop("n3")
+    wrong = lab.state_dir / "wrong-keyring"
+    wrong.write_text(base64.b64encode(_os.urandom(32)).decode() + "\n")
+    original = _edit(lab, "n3", f'keyring = "{lab.state_dir / "keyring"}"', f'keyring = "{wrong}"')
+    try:
+        lab.start("n3")
+        time.sleep(3.0)
+        assert _members(lab, "n1").get("n3") in (None, "dead", "left")
+        assert set(_members(lab, "n3")) == {"n3"}  # it never learned of anybody
+        p = lab.console("n1", "metrics")
+        dropped = re.findall(
+            r'duravip_swim_dropped_packets_total\{reason="(?:stream_)?decrypt"\} ([\d.]+)', p.stdout
+        )
+        assert sum(float(x) for x in dropped) > 0, p.stdout[-2000:]
+    finally:
+        lab.stop("n3")
+        lab.config_path("n3").write_text(original)
+        lab.start("n3")

@@ -138,6 +138,7 @@ class Node:
                         garp_interval=c.cluster.garp_interval,
                     )
                 )
+                nursery.start_soon(self._unplumb_on_exit)
                 self.mail = await nursery.start(
                     partial(
                         serve_mail,
@@ -190,6 +191,21 @@ class Node:
             log.info("interrupted before the signal handlers were up")
             self.exit_code = 130
         return self.exit_code
+
+    async def _unplumb_on_exit(self) -> None:
+        """However the node stops (a service crashed, or a signal), drop every IP it has.
+
+        A graceful stop has released everything already; after a crash this is
+        what keeps a dying node from leaving addresses nobody serves.
+        """
+        try:
+            await trio.sleep_forever()
+        finally:
+            left = self.plumbing.present.value
+            if left:
+                log.warning("unplumbing %d DuraVIP(s) on the way out", len(left))
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    await self.plumbing.remove(left)
 
     @staticmethod
     def forbidden_ips(c: Config) -> frozenset[IPv4Address]:
