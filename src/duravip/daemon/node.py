@@ -20,6 +20,8 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from functools import partial
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -41,6 +43,7 @@ from duravip.election.resolver import ClusterSnapshot, ResolverService
 from duravip.election.resolver import serve as serve_resolver
 from duravip.mail.service import MailService
 from duravip.mail.service import serve as serve_mail
+from duravip.plumbing.base import Plumber
 from duravip.plumbing.netlink import open_netlink_plumber
 from duravip.plumbing.worker import PlumbingWorker
 from duravip.plumbing.worker import serve as serve_plumbing
@@ -52,6 +55,8 @@ from duravip.swim.driver import Membership, MembershipService
 from duravip.swim.driver import serve as serve_membership
 
 log = logging.getLogger("duravip.node")
+
+PlumberFactory = Callable[[Config], AbstractAsyncContextManager[Plumber]]
 
 #: Upper bound for a graceful stop: release IPs, hand queues over, leave.
 SHUTDOWN_BUDGET = 15.0
@@ -68,9 +73,15 @@ def load_keyring(config: Config) -> Keyring:
 class Node:
     """Holds the running services and the operator-facing state of one node."""
 
-    def __init__(self, config: Config, path: Path) -> None:
+    def __init__(
+        self, config: Config, path: Path, *, plumber: PlumberFactory | None = None
+    ) -> None:
         self.config = config
         self.path = path
+        #: How the node gets its plumber: netlink in production, a fake in tests.
+        self._open_plumber: PlumberFactory = plumber or (
+            lambda c: open_netlink_plumber(use_iflist_cache=c.use_iflist_cache)
+        )
         self.keyring = load_keyring(config)
         self.started_at = time.time()
         self.config_loaded_at = time.time()
@@ -104,7 +115,7 @@ class Node:
         c = self.config
         try:
             async with (
-                open_netlink_plumber(use_iflist_cache=c.use_iflist_cache) as plumber,
+                self._open_plumber(c) as plumber,
                 trio.open_nursery() as nursery,
             ):
                 registry = CommandRegistry()
@@ -400,5 +411,5 @@ class Node:
         return []
 
 
-async def run_node(config: Config, path: Path) -> int:
-    return await Node(config, path).run()
+async def run_node(config: Config, path: Path, *, plumber: PlumberFactory | None = None) -> int:
+    return await Node(config, path, plumber=plumber).run()
