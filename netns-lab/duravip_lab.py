@@ -439,6 +439,8 @@ class Lab:
                 stderr=subprocess.STDOUT,
                 cwd=self.state_dir / member,
                 start_new_session=True,  # own process group: signals reach its children too
+                # Belt and braces: the daemon's plumber refuses the root namespace.
+                env={**os.environ, "DURAVIP_REQUIRE_NETNS": "1"},
             )
         st = _stat(child.pid)
         if st is None:  # exited already; keep a pidfile that can never match
