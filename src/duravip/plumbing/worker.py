@@ -11,7 +11,7 @@ ever touched.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from ipaddress import IPv4Address
 
 import attrs
@@ -245,38 +245,33 @@ class PlumbingWorker:
             log.info("%s %s succeeded after %d failed attempts", op, p.ip, prev.attempts)
 
     async def _plumb(self, placements: Sequence[Placement]) -> set[IPv4Address]:
-        if not placements:
-            return set()
-        try:
-            results = await self._plumber.plumb(placements)
-        except OSError as exc:
-            results = {p.ip: f"plumb call failed: {exc}" for p in placements}
-        got: set[IPv4Address] = set()
-        for p in placements:
-            err = results.get(p.ip, "no result")
-            if err is None:
-                got.add(p.ip)
-                self._succeeded("plumb", p)
-            else:
-                self._failed("plumb", p, err)
-        return got
+        return await self._apply("plumb", self._plumber.plumb, placements)
 
     async def _unplumb(self, placements: Sequence[Placement]) -> set[IPv4Address]:
+        return await self._apply("unplumb", self._plumber.unplumb, placements)
+
+    async def _apply(
+        self,
+        op: str,
+        call: Callable[[Sequence[Placement]], Awaitable[Mapping[IPv4Address, str | None]]],
+        placements: Sequence[Placement],
+    ) -> set[IPv4Address]:
+        """One batched plumber call; per-IP outcome recorded for retry and logs."""
         if not placements:
             return set()
         try:
-            results = await self._plumber.unplumb(placements)
+            results = await call(placements)
         except OSError as exc:
-            results = {p.ip: f"unplumb call failed: {exc}" for p in placements}
-        gone: set[IPv4Address] = set()
+            results = {p.ip: f"{op} call failed: {exc}" for p in placements}
+        done: set[IPv4Address] = set()
         for p in placements:
             err = results.get(p.ip, "no result")
             if err is None:
-                gone.add(p.ip)
-                self._succeeded("unplumb", p)
+                done.add(p.ip)
+                self._succeeded(op, p)
             else:
-                self._failed("unplumb", p, err)
-        return gone
+                self._failed(op, p, err)
+        return done
 
     async def _announce_round(self, placements: Sequence[Placement]) -> None:
         wanted = [p for p in placements if p.ip in self._desired]
