@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "netns-lab"))
 
-from scenario import holders, wait_converged  # noqa: E402
+from scenario import holders, wait_converged
 
 pytestmark = pytest.mark.lab
 

@@ -239,6 +239,10 @@ class Node:
         """Adapt SWIM snapshots into the election's ``ClusterSnapshot`` (views decoded once)."""
         async for m in self.membership.snapshot.eventual_values():
             self.snapshot.value = self._adapt(m)
+            if self.resolver is not None:
+                # Holders change when views change (a release, an acquisition),
+                # often with no change of owner: mail must follow the holder.
+                self.update_mail_holders()
 
     def _adapt(self, m: Membership) -> ClusterSnapshot:
         states: dict[str, str] = {}

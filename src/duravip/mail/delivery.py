@@ -164,6 +164,21 @@ class Deliverer:
         deferred: Sequence[str],
         rejected: Sequence[tuple[str, str]],
     ) -> None:
+        # The smarthost has answered: recording that must not be cut short by a
+        # cancellation (a binding moving away, a shutdown), or a delivered
+        # message would stay queued and be sent again.
+        with trio.CancelScope(shield=True):
+            await self._record_reply(msg, code, text, accepted, deferred, rejected)
+
+    async def _record_reply(
+        self,
+        msg: QueuedMessage,
+        code: int,
+        text: str,
+        accepted: Sequence[str],
+        deferred: Sequence[str],
+        rejected: Sequence[tuple[str, str]],
+    ) -> None:
         reply = f"{code} {text}"
         if rejected:
             # Others may have been accepted already: a failed bounce file is only logged.

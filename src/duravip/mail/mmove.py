@@ -250,9 +250,11 @@ async def move_batch(
     moved: list[str] = []
 
     async def forget(cur: QueuedMessage) -> None:
-        # The receiver has it durably; if this remove is lost, a later re-move is a dup.
+        # The receiver has it durably; if this remove is lost, a later re-move is a
+        # dup: no cancellation may cut it short.
         try:
-            await spool.remove(cur.id)
+            with trio.CancelScope(shield=True):
+                await spool.remove(cur.id)
         except SpoolError as exc:
             log.error("%s: moved %s but could not remove it here: %s", SERVICE, cur.id, exc)
         moved.append(cur.id)
