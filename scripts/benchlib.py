@@ -175,8 +175,19 @@ def keepalived_node(node: str, d: Path) -> int:
     """
     ka = subprocess.Popen(
         [
-            "keepalived", "-n", "-l", "-D", "-P", "-f", str(d / "keepalived.conf"),
-            "-p", str(d / "keepalived.pid"), "-r", str(d / "vrrp.pid"), "-c", str(d / "chk.pid"),
+            "keepalived",
+            "-n",
+            "-l",
+            "-D",
+            "-P",
+            "-f",
+            str(d / "keepalived.conf"),
+            "-p",
+            str(d / "keepalived.pid"),
+            "-r",
+            str(d / "vrrp.pid"),
+            "-c",
+            str(d / "chk.pid"),
         ]
     )
     sa = subprocess.Popen([sys.executable, str(LABDIR / "standin.py"), node])
@@ -203,8 +214,9 @@ def keepalived_node(node: str, d: Path) -> int:
 # --- mail injection from the client namespace ---------------------------------------------------
 
 
-def inject(targets: list[tuple[str, str]], rate: float, seconds: float, timeout: float,
-           prefix: str) -> int:
+def inject(
+    targets: list[tuple[str, str]], rate: float, seconds: float, timeout: float, prefix: str
+) -> int:
     """Send one message per connection, ``rate`` a second, round-robin over (ip, X-Binding).
 
     Prints one JSON line per try; ``ok`` only when sendmail returned without error
@@ -285,12 +297,20 @@ class Background:
     """A helper subcommand of this file running in a lab namespace; JSON lines collected."""
 
     def __init__(self, lab: Any, member: str, args: Sequence[str], limit_s: float) -> None:
-        argv = ["ip", "netns", "exec", lab.ns(member), lab.spec.python, str(HERE / "benchlib.py"),
-                *args]
+        argv = [
+            "ip",
+            "netns",
+            "exec",
+            lab.ns(member),
+            lab.spec.python,
+            str(HERE / "benchlib.py"),
+            *args,
+        ]
         self.limit_s = limit_s
         self.records: list[dict[str, Any]] = []
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     text=True)
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
@@ -316,8 +336,11 @@ class Background:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="benchlib.py", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="benchlib.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("keepalived-node")
     s.add_argument("node")

@@ -7,12 +7,15 @@ acknowledged message, or leaves a VIP dark, fails the build.
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,9 +28,21 @@ def test_short_chaos_run_loses_nothing(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("lab tests need root")
     svg = tmp_path / "chaos.svg"
-    cmd = [sys.executable, str(REPO / "scripts" / "chaos"), "--nodes", "3", "--minutes", "1.5",
-           "--seed", "1", "--json", "--svg", str(svg),
-           "--keep-logs", str(tmp_path / "logs")]
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "chaos"),
+        "--nodes",
+        "3",
+        "--minutes",
+        "1.5",
+        "--seed",
+        "1",
+        "--json",
+        "--svg",
+        str(svg),
+        "--keep-logs",
+        str(tmp_path / "logs"),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=TIMEOUT_S)
@@ -57,3 +72,91 @@ def test_short_chaos_run_loses_nothing(tmp_path: Path) -> None:
     assert res["bad_holders_at_end"] == {}, summary
     assert proc.returncode == 0, summary
     assert svg.read_text().startswith("<svg")
+
+
+# --- the checker and the scheduler themselves, without a lab (fast, no root) ---------------------
+
+
+def _load(name: str) -> Any:
+    """Import an extensionless script of scripts/ as a module."""
+    loader = importlib.machinery.SourceFileLoader(
+        name.replace("-", "_"), str(REPO / "scripts" / name)
+    )
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    assert spec is not None
+    mod = importlib.util.module_from_spec(spec)
+    loader.exec_module(mod)
+    return mod
+
+
+class _FakeLab:
+    """Records what the scheduler asks of a lab."""
+
+    def __init__(self, n: int) -> None:
+        self.nodes = [f"n{i}" for i in range(1, n + 1)]
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+
+    def __getattr__(self, verb: str) -> Any:
+        def call(*args: Any, **kw: Any) -> Any:
+            self.calls.append((verb, args))
+            return subprocess.CompletedProcess([], 0, "", "")
+
+        return call
+
+
+def _schedule(seed: int, n: int = 5, steps: int = 60) -> tuple[list[tuple[str, str]], int]:
+    chaos_mod = _load("chaos")
+    lab = _FakeLab(n)
+    c = chaos_mod.Chaos(lab, seed, 1e9)
+    worst = 0
+    vt = 0.0
+    for _ in range(steps):
+        vt += c.rng.uniform(1.5, 4.0)
+        c.step(vt)
+        worst = max(worst, len(c.down) + len(c.paused))
+    return [(e["type"], e["what"]) for e in c.events], worst
+
+
+def test_fault_schedule_is_a_function_of_the_seed_and_bounded() -> None:
+    a, worst_a = _schedule(7)
+    b, _ = _schedule(7)
+    c, _ = _schedule(8)
+    assert a == b
+    assert a != c
+    assert worst_a <= 2  # (5 - 1) // 2 nodes down or paused at most
+    kinds = {k for k, _ in a}
+    assert {"crash", "kill", "pause", "stop", "partition", "loss", "revive", "reload"} <= kinds
+
+
+def test_checker_counts_lost_duplicated_and_misrouted() -> None:
+    chaos_mod = _load("chaos")
+    sent = [
+        {"mid": "<a>", "ok": True},
+        {"mid": "<b>", "ok": True},
+        {"mid": "<c>", "ok": True},
+        {"mid": "<d>", "ok": False},
+        {"mid": "<e>", "ok": True},
+    ]
+    expected = {m["mid"]: {"10.1.1.1"} for m in sent}
+    sink = [
+        {"message_id": "<a>", "peer_ip": "10.1.1.1"},
+        {"message_id": "<b>", "peer_ip": "10.1.1.1"},
+        {"message_id": "<b>", "peer_ip": "10.1.1.1"},
+        {"message_id": "<d>", "peer_ip": "10.1.1.1"},
+        {"message_id": "<e>", "peer_ip": "10.1.0.11"},
+    ]
+    r = chaos_mod.check(sent, expected, sink)
+    assert (r["sent"], r["acked"], r["delivered"]) == (5, 4, 3)
+    assert (r["duplicated"], r["lost"], r["misrouted"]) == (1, 1, 1)
+    assert r["lost_ids"] == ["<c>"] and r["unacked_delivered"] == 1
+
+
+def test_outages_and_percentiles() -> None:
+    sys.path.insert(0, str(REPO / "scripts"))
+    import benchlib
+
+    recs = [{"ok": ok, "ts": t} for t, ok in [(0, 1), (1, 0), (2, 0), (3, 1), (4, 0)]]
+    assert benchlib.outages(recs) == [(1.0, 2000.0), (4.0, 0.0)]
+    assert benchlib.percentile([5, 1, 3, 2, 4], 50) == 3
+    assert benchlib.summary([]) == {"p50_ms": None, "p90_ms": None, "max_ms": None}
+    assert benchlib.summary([10.0] * 9 + [100.0])["p90_ms"] == 10.0

@@ -64,6 +64,7 @@ class ListenerManager:
         nursery: trio.Nursery,
     ) -> None:
         self._config = config
+        self._vip_index = _index_by_ip(config)
         self._sink = sink
         self._settings = settings
         self._nursery = nursery
@@ -113,8 +114,9 @@ class ListenerManager:
         Returns when every listening socket and session of ``ip`` is gone.
         """
         self._ips.discard(ip)
-        addrs = [a for a in self._running if a[0] == str(ip)]
-        others = [r for a, r in self._stopping.items() if a[0] == str(ip)]
+        mine = self._vip_index.get(ip, ())
+        addrs = [a for a in mine if a in self._running]
+        others = [self._stopping[a] for a in mine if a in self._stopping]
         async with trio.open_nursery() as nursery:
             for addr in addrs:
                 nursery.start_soon(self._stop, addr, drain_timeout)
@@ -127,6 +129,7 @@ class ListenerManager:
         ``settings.limits`` becomes ``config.smtp`` for new sessions.
         """
         self._config = config
+        self._vip_index = _index_by_ip(config)
         self._settings = attrs.evolve(self._settings, limits=config.smtp)
         want = self._wanted(config)
         for addr in set(self._running) - want:
@@ -137,11 +140,8 @@ class ListenerManager:
     # ------------------------------------------------------------ internals
 
     def _duravip_addrs(self, config: Config, ip: IPv4Address) -> list[Addr]:
-        return [
-            lst.address.as_tuple()
-            for lst in config.listeners
-            if lst.address.host == ip and is_duravip_listener(config, lst)
-        ]
+        index = self._vip_index if config is self._config else _index_by_ip(config)
+        return list(index.get(ip, ()))
 
     def _plain_addrs(self, config: Config) -> list[Addr]:
         return [
@@ -152,8 +152,9 @@ class ListenerManager:
 
     def _wanted(self, config: Config) -> set[Addr]:
         want = set(self._plain_addrs(config))
+        index = _index_by_ip(config)
         for ip in self._ips:
-            want.update(self._duravip_addrs(config, ip))
+            want.update(index.get(ip, ()))
         return want
 
     async def _start_plain(self) -> None:
@@ -278,6 +279,15 @@ class ListenerManager:
             running.sessions.cancel_scope.cancel()
             await running.done.wait()
         log.info("stopped listening on %s:%d", *addr)
+
+
+def _index_by_ip(config: Config) -> dict[IPv4Address, list[Addr]]:
+    """DuraVIP listener addresses per IP: start_ip/stop_ip stay O(1) at 10,240 IPs."""
+    index: dict[IPv4Address, list[Addr]] = {}
+    for lst in config.listeners:
+        if is_duravip_listener(config, lst):
+            index.setdefault(lst.address.host, []).append(lst.address.as_tuple())
+    return index
 
 
 async def serve(
