@@ -183,7 +183,11 @@ class SmtpSession:
         if r.is_error():
             await self._cmd(self.proto.reset)
             return SendResult(r.code, r.message, (), tuple(deferred), tuple(rejected))
-        r = await self._cmd(self.proto.data, _RawMessage(data))
+        # From the first byte of content to the reply, a cancellation would leave
+        # us not knowing whether the server took the message (and resending it
+        # elsewhere makes a duplicate): let it finish, bounded by the timeout.
+        with trio.CancelScope(shield=True):
+            r = await self._cmd(self.proto.data, _RawMessage(data))
         return SendResult(r.code, r.message, tuple(accepted), tuple(deferred), tuple(rejected))
 
     async def quit(self) -> None:
