@@ -22,7 +22,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="duravip", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="duravip",
+        description="IP fail-over for mail clusters: SWIM gossip, rendezvous election, netlink, SMTP.",
+    )
     parser.add_argument("--version", action="version", version=f"duravip {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
