@@ -87,7 +87,12 @@ class Cluster:
 
     async def run(self, name: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         config = cfg.load(self.paths[name])
-        node = Node(config, self.paths[name], plumber=self.factory(name))  # type: ignore[arg-type]
+        node = Node(
+            config,
+            self.paths[name],
+            plumber=self.factory(name),  # type: ignore[arg-type]
+            handle_signals=False,  # two nodes in one process: no process-wide handlers
+        )
         self.nodes[name] = node
         with trio.CancelScope() as scope:
             self.scopes[name] = scope

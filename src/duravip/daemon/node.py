@@ -74,10 +74,17 @@ class Node:
     """Holds the running services and the operator-facing state of one node."""
 
     def __init__(
-        self, config: Config, path: Path, *, plumber: PlumberFactory | None = None
+        self,
+        config: Config,
+        path: Path,
+        *,
+        plumber: PlumberFactory | None = None,
+        handle_signals: bool = True,
     ) -> None:
         self.config = config
         self.path = path
+        #: False when several nodes share a process (tests): signal handlers are per process.
+        self.handle_signals = handle_signals
         #: How the node gets its plumber: netlink in production, a fake in tests.
         self._open_plumber: PlumberFactory = plumber or (
             lambda c: open_netlink_plumber(use_iflist_cache=c.use_iflist_cache)
@@ -357,6 +364,9 @@ class Node:
     # ------------------------------------------------------------- control
 
     async def _serve_signals(self) -> None:
+        if not self.handle_signals:
+            await self.shutdown_requested.wait()
+            return
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP, signal.SIGINT) as sigs:
             async with trio.open_nursery() as n:
 
