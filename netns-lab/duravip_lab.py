@@ -692,7 +692,8 @@ class Lab:
             *(["--until-ok"] if until_ok else []),
         ]  # fmt: skip
         p = self.exec("client", argv, check=True, timeout=seconds + timeout + 30)
-        return [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
+        recs = [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
+        return sorted(recs, key=lambda r: r["t"])  # concurrent tries finish out of order
 
     # --- looking ---
 

@@ -13,7 +13,9 @@ import contextlib
 import json
 import re
 import socket
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 _NODE_RE = re.compile(r"\b(n\d+)\b")
 
@@ -69,25 +71,44 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--timeout", type=float, default=0.5)
     ap.add_argument("--until-ok", action="store_true", help="stop at the first good banner")
+    ap.add_argument(
+        "--sequential",
+        action="store_true",
+        help="one try at a time (a hung try skips the slots it overruns); default: a try "
+        "starts every interval whatever the others do, so a SYN lost to a dead host does "
+        "not hide the moment the new holder answers",
+    )
     args = ap.parse_args()
     ip, _, port = args.target.partition(":")
     interval = max(args.interval, 0.001)
     start = time.monotonic()
     max_tries = int(args.seconds / interval) + 1
-    for k in range(max_tries):
-        slot = start + k * interval
-        now = time.monotonic()
-        if now - start >= args.seconds:
-            break
-        if slot > now:
-            time.sleep(slot - now)
-        elif now - slot > interval:
-            continue  # a slow try overran this slot: skip it rather than burst
-        t = time.monotonic() - start
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def one(t: float) -> None:
         rec = {"t": round(t, 4), "ts": time.time(), **attempt(ip, int(port or 25), args.timeout)}
-        print(json.dumps(rec), flush=True)
+        with lock:
+            print(json.dumps(rec), flush=True)
         if args.until_ok and rec["ok"]:
-            break
+            done.set()
+
+    workers = 1 if args.sequential else int(args.timeout / interval) + 2
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for k in range(max_tries):
+            slot = start + k * interval
+            now = time.monotonic()
+            if now - start >= args.seconds or done.is_set():
+                break
+            if slot > now:
+                time.sleep(slot - now)
+            elif now - slot > interval:
+                continue  # overran this slot: skip it rather than burst
+            t = time.monotonic() - start
+            if args.sequential:
+                one(t)
+            else:
+                pool.submit(one, t)
 
 
 if __name__ == "__main__":

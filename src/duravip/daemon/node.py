@@ -282,8 +282,12 @@ class Node:
                 # not yet). Its claims on IPs still count; its candidacy waits.
                 view = attrs.evolve(view, mature=False)
             previous = self._decoded_prev.get(name)
-            if previous is not None and previous.held - view.held:
-                self._reannounce.set()  # a rival released: make sure clients follow us
+            mine = self.resolver.held.value if self.resolver is not None else frozenset()
+            before = previous.held if previous is not None else frozenset()
+            if name != self.name and (before ^ view.held) & mine:
+                # A rival claimed or released an IP we hold (a heal, a resume):
+                # clients may have followed its ARP; make them follow us again.
+                self._reannounce.set()
             self._decoded_prev[name] = view
             views[name] = view
         for gone in set(self._decoded) - set(m.members):
@@ -303,8 +307,15 @@ class Node:
         while True:
             await self._reannounce.wait()
             self._reannounce = trio.Event()
-            if self.resolver is not None and self.resolver.held.value:
-                await self.plumbing.announce(self.resolver.held.value)
+            if self.resolver is not None:
+                decisions = self.resolver.decisions.value
+                owned = [
+                    ip
+                    for ip in self.resolver.held.value
+                    if (d := decisions.get(ip)) is not None and d.owner == self.name
+                ]
+                if owned:
+                    await self.plumbing.announce(owned)
             await trio.sleep(self.config.cluster.timers.gossip_interval)
 
     async def _wait_synced(self) -> None:
