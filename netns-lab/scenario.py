@@ -14,6 +14,13 @@ from typing import Any
 
 from duravip_lab import Lab
 
+#: The DuraVIPs of the lab's default 3-node, 3-VIP configs (see docs/examples/).
+VIPS = ["10.1.1.1", "10.1.1.2", "10.1.1.3", "10.1.1.101", "10.1.1.102", "10.1.2.1"]
+#: Those with an SMTP listener (the pool bindings have none: nothing answers there).
+LISTENER_VIPS = ["10.1.1.1", "10.1.1.2", "10.1.1.3", "10.1.2.1"]
+#: Where each VIP with a preference (or following one) lives when all is well.
+PREFERRED = {"10.1.1.1": "n1", "10.1.1.2": "n2", "10.1.1.3": "n3", "10.1.2.1": "n1"}
+
 
 def holders(lab: Lab, nodes: Iterable[str] | None = None) -> dict[str, list[str]]:
     """VIP -> nodes that have it plumbed right now."""

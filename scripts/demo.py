@@ -22,15 +22,14 @@ sys.path.insert(0, str(REPO / "netns-lab"))
 
 from duravip_lab import Lab  # noqa: E402
 from scenario import (  # noqa: E402
+    PREFERRED,
+    VIPS,
     HolderSampler,
     Prober,
     send_mail,
     wait_converged,
     wait_delivered,
 )
-
-VIPS = ["10.1.1.1", "10.1.1.2", "10.1.1.3", "10.1.1.101", "10.1.1.102", "10.1.2.1"]
-PREFERRED = {"10.1.1.1": "n1", "10.1.1.2": "n2", "10.1.1.3": "n3", "10.1.2.1": "n1"}
 
 
 def step(text: str) -> None:

@@ -21,6 +21,9 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "netns-lab"))
 
 from scenario import (  # noqa: E402
+    LISTENER_VIPS,
+    PREFERRED,
+    VIPS,
     HolderSampler,
     Prober,
     send_mail,
@@ -30,10 +33,6 @@ from scenario import (  # noqa: E402
 
 pytestmark = pytest.mark.lab
 
-VIPS = ["10.1.1.1", "10.1.1.2", "10.1.1.3", "10.1.1.101", "10.1.1.102", "10.1.2.1"]
-#: VIPs with an SMTP listener (the pool bindings have none: nothing answers there).
-LISTENER_VIPS = ["10.1.1.1", "10.1.1.2", "10.1.1.3", "10.1.2.1"]
-PREFERRED = {"10.1.1.1": "n1", "10.1.1.2": "n2", "10.1.1.3": "n3", "10.1.2.1": "n1"}
 #: Correctness bound, not a benchmark: scripts/bench-failover measures the real figure.
 FAILOVER_BOUND_MS = 5000
 

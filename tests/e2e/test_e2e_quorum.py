@@ -11,12 +11,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "netns-lab"))
 
-from scenario import holders, wait_converged
+from scenario import PREFERRED, VIPS, holders, wait_converged
 
 pytestmark = pytest.mark.lab
 
-VIPS = ["10.1.1.1", "10.1.1.2", "10.1.1.3", "10.1.1.101", "10.1.1.102", "10.1.2.1"]
-PREFERRED = {"10.1.1.1": "n1", "10.1.1.2": "n2", "10.1.1.3": "n3", "10.1.2.1": "n1"}
 
 
 def test_majority_quorum_minority_releases_and_heal_restores(lab_factory: Any) -> None:

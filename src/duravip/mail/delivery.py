@@ -140,14 +140,18 @@ class Deliverer:
                 data = self.spool.read_data(msg.id)
                 res = await session.send(msg.mail_from, msg.rcpt_to, data)
                 pending.pop(0)
-                await self._record(
-                    msg,
-                    res.code,
-                    res.message,
-                    res.accepted,
-                    [r for r, _ in res.deferred],
-                    res.rejected,
-                )
+                # The smarthost has answered: recording that must not be cut short
+                # by a cancellation (a binding moving away, a shutdown), or a
+                # delivered message would stay queued and be sent again.
+                with trio.CancelScope(shield=True):
+                    await self._record(
+                        msg,
+                        res.code,
+                        res.message,
+                        res.accepted,
+                        [r for r, _ in res.deferred],
+                        res.rejected,
+                    )
         except SmtpError as exc:
             await session.abort()
             for m in pending:
@@ -156,21 +160,6 @@ class Deliverer:
         await session.quit()
 
     async def _record(
-        self,
-        msg: QueuedMessage,
-        code: int,
-        text: str,
-        accepted: Sequence[str],
-        deferred: Sequence[str],
-        rejected: Sequence[tuple[str, str]],
-    ) -> None:
-        # The smarthost has answered: recording that must not be cut short by a
-        # cancellation (a binding moving away, a shutdown), or a delivered
-        # message would stay queued and be sent again.
-        with trio.CancelScope(shield=True):
-            await self._record_reply(msg, code, text, accepted, deferred, rejected)
-
-    async def _record_reply(
         self,
         msg: QueuedMessage,
         code: int,
