@@ -119,7 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=10)
     p.add_argument("--seconds", type=float, default=30.0, help="simulated seconds measured")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--loss", type=float, default=0.0, help="packet loss probability per datagram")
+    p.add_argument(
+        "--loss",
+        type=float,
+        default=0.0,
+        help="packet loss per datagram: a probability (0.1) or a percentage (10)",
+    )
     p.add_argument("--kill", type=int, default=1, help="nodes crashed during the run")
     p.add_argument("--profile", choices=sorted(PRESETS), default="lan")
     p.add_argument(
@@ -142,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             nodes=args.nodes,
             seconds=args.seconds,
             seed=args.seed,
-            loss=args.loss,
+            loss=args.loss / 100.0 if args.loss > 1.0 else args.loss,
             kill=args.kill,
             profile=args.profile,
             meta_changes=args.meta_changes,
