@@ -144,7 +144,7 @@ class ClusterConfig:
     topology: tuple[Topology, ...] = ()
     #: Gratuitous ARP: how many per IP after plumbing, and the spacing.
     garp_count: int = 3
-    garp_interval: float = 0.2
+    garp_interval: float = 0.6
     #: How long an old holder lets SMTP sessions finish before it unplumbs.
     drain_timeout: float = 2.0
 

@@ -307,16 +307,33 @@ class Node:
         while True:
             await self._reannounce.wait()
             self._reannounce = trio.Event()
+            # Let the resolver digest the same change first (it may release).
+            await trio.sleep(self.config.cluster.timers.gossip_interval)
             if self.resolver is not None:
                 decisions = self.resolver.decisions.value
+                contested = self._held_elsewhere()
+                # Only IPs we own and nobody else claims: announcing a contested IP
+                # would pull clients to a holder that may be about to release it,
+                # and their ARP lock time would then ignore the real owner's GARP.
                 owned = [
                     ip
                     for ip in self.resolver.held.value
-                    if (d := decisions.get(ip)) is not None and d.owner == self.name
+                    if (d := decisions.get(ip)) is not None
+                    and d.owner == self.name
+                    and ip not in contested
                 ]
                 if owned:
+                    log.info("re-announcing %d owned IP(s) by gratuitous ARP", len(owned))
                     await self.plumbing.announce(owned)
             await trio.sleep(self.config.cluster.timers.gossip_interval)
+
+    def _held_elsewhere(self) -> set[IPv4Address]:
+        snap = self.snapshot.value
+        out: set[IPv4Address] = set()
+        for name, view in snap.views.items():
+            if name != self.name and snap.states.get(name) in ("alive", "suspect"):
+                out.update(view.held)
+        return out
 
     async def _wait_synced(self) -> None:
         """Bounded wait until the seeds answered and every alive member's view is known."""
