@@ -285,12 +285,7 @@ def _services(node: Node, ip: IPv4Address) -> str:
 
 
 def _duravip_rows(node: Node) -> tuple[list[list[str]], list[dict[str, Any]]]:
-    snap = node.snapshot.value
-    holders: dict[IPv4Address, list[str]] = {}
-    for name, v in snap.views.items():
-        if snap.states.get(name) in ("alive", "suspect"):
-            for ip in v.held:
-                holders.setdefault(ip, []).append(name)
+    holders = node.holders_by_ip()
     decisions = _decisions(node)
     ips = sorted(set(decisions) | set(node.config.duravips))
     rows, data = [], []

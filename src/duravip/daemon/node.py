@@ -311,7 +311,9 @@ class Node:
             await trio.sleep(self.config.cluster.timers.gossip_interval)
             if self.resolver is not None:
                 decisions = self.resolver.decisions.value
-                contested = self._held_elsewhere()
+                contested = {
+                    ip for ip, hs in self.holders_by_ip().items() if set(hs) - {self.name}
+                }
                 # Only IPs we own and nobody else claims: announcing a contested IP
                 # would pull clients to a holder that may be about to release it,
                 # and their ARP lock time would then ignore the real owner's GARP.
@@ -327,12 +329,14 @@ class Node:
                     await self.plumbing.announce(owned)
             await trio.sleep(self.config.cluster.timers.gossip_interval)
 
-    def _held_elsewhere(self) -> set[IPv4Address]:
+    def holders_by_ip(self) -> dict[IPv4Address, list[str]]:
+        """IP -> the live (alive or suspect) nodes whose view says they hold it."""
         snap = self.snapshot.value
-        out: set[IPv4Address] = set()
-        for name, view in snap.views.items():
-            if name != self.name and snap.states.get(name) in ("alive", "suspect"):
-                out.update(view.held)
+        out: dict[IPv4Address, list[str]] = {}
+        for name in sorted(snap.views):
+            if snap.states.get(name) in ("alive", "suspect"):
+                for ip in snap.views[name].held:
+                    out.setdefault(ip, []).append(name)
         return out
 
     async def _wait_synced(self) -> None:
@@ -358,14 +362,8 @@ class Node:
             self.telemetry.observe_takeovers()
 
     def binding_holders(self) -> dict[str, str | None]:
-        snap = self.snapshot.value
         decisions = self.resolver.decisions.value if self.resolver else {}
-        holders_by_ip: dict[IPv4Address, str] = {}
-        for name, view in snap.views.items():
-            if snap.states.get(name) not in ("alive", "suspect"):
-                continue
-            for ip in view.held:
-                holders_by_ip[ip] = name
+        holders_by_ip = {ip: hs[-1] for ip, hs in self.holders_by_ip().items()}
         out: dict[str, str | None] = {}
         for b in self.config.bindings:
             if b.bind_address is None or not b.enable_duravip:
