@@ -13,7 +13,9 @@ from trio_util import AsyncValue
 
 from duravip.config import ClusterConfig, Config, DuraVip, HostPort
 from duravip.election import NodeView
-from duravip.election.resolver import ClusterSnapshot, ResolverService, serve
+from duravip.election.picture import ClusterSnapshot
+from duravip.election.resolver import ResolverService, serve
+from duravip.swim.members import State
 
 IPS = [IPv4Address(f"10.1.1.{i}") for i in range(1, 9)]
 NAMES = ["n1", "n2", "n3"]
@@ -128,7 +130,7 @@ class World:
                     seen[m] = v
             states = {}
             for m, st in self.state.items():
-                states[m] = st if st != "alive" or self.reach(n, m) else "dead"
+                states[m] = State(st if st != "alive" or self.reach(n, m) else "dead")
             self.snap[n].value = ClusterSnapshot(n, states, dict(seen))
 
     async def start(self, node: str, config: Config | None = None) -> ResolverService:

@@ -26,7 +26,6 @@ from functools import partial
 from ipaddress import IPv4Address
 from pathlib import Path
 
-import attrs
 import trio
 from trio_util import AsyncValue
 
@@ -38,8 +37,16 @@ from duravip.control.protocol import CommandRegistry
 from duravip.daemon import commands
 from duravip.daemon.actuator import NodeActuator
 from duravip.daemon.telemetry import NodeMetrics
-from duravip.election import NodeView, build_view, decode, encode
-from duravip.election.resolver import ClusterSnapshot, ResolverService
+from duravip.election import NodeView, build_view, encode
+from duravip.election.picture import (
+    ClusterSnapshot,
+    ViewTracker,
+    binding_holders,
+    holders_by_ip,
+    mmove_peers,
+    reannounce_targets,
+)
+from duravip.election.resolver import ResolverService
 from duravip.election.resolver import serve as serve_resolver
 from duravip.mail.service import MailService
 from duravip.mail.service import serve as serve_mail
@@ -99,10 +106,7 @@ class Node:
         self.snapshot: AsyncValue[ClusterSnapshot] = AsyncValue(
             ClusterSnapshot(local=config.cluster.node_name, states={}, views={})
         )
-        self._decoded: dict[str, tuple[int, NodeView]] = {}
-        self._prev_states: dict[str, str] = {}
-        self._rejoining: set[str] = set()
-        self._decoded_prev: dict[str, NodeView] = {}
+        self._tracker = ViewTracker(config.cluster.node_name)
         self._reannounce = trio.Event()
         self.views_changed_at = time.monotonic()
         # Filled as services start.
@@ -252,50 +256,16 @@ class Node:
                 self.update_mail_holders()
 
     def _adapt(self, m: Membership) -> ClusterSnapshot:
-        states: dict[str, str] = {}
-        views: dict[str, NodeView] = {}
-        changed = False
-        for name, member in m.members.items():
-            states[name] = member.state
-            if not member.meta:
-                continue
-            cached = self._decoded.get(name)
-            if cached is not None and cached[0] == member.meta_version:
-                view = cached[1]
-            else:
-                try:
-                    view = decode(member.meta)
-                except ValueError as e:
-                    self.telemetry.dropped_views.inc()
-                    log.warning("undecodable view", extra={"fields": {"node": name, "error": e}})
-                    continue
-                self._decoded[name] = (member.meta_version, view)
-                changed = True
-            if member.state in ("alive", "suspect") and self._prev_states.get(name) in ("dead", "left"):
-                self._rejoining.add(name)
-                self._reannounce.set()  # a heal, a resume or a restart: clients may hold stale ARP
-            if member.meta_current:
-                self._rejoining.discard(name)
-            elif name in self._rejoining and view.mature:
-                # Back from dead or left, its current view still being fetched: the
-                # cached one may be a previous run's (that run was mature, this one is
-                # not yet). Its claims on IPs still count; its candidacy waits.
-                view = attrs.evolve(view, mature=False)
-            previous = self._decoded_prev.get(name)
-            mine = self.resolver.held.value if self.resolver is not None else frozenset()
-            before = previous.held if previous is not None else frozenset()
-            if name != self.name and (before ^ view.held) & mine:
-                # A rival claimed or released an IP we hold (a heal, a resume):
-                # clients may have followed its ARP; make them follow us again.
-                self._reannounce.set()
-            self._decoded_prev[name] = view
-            views[name] = view
-        for gone in set(self._decoded) - set(m.members):
-            del self._decoded[gone]
-        self._prev_states = states
-        if changed:
+        held = self.resolver.held.value if self.resolver is not None else frozenset()
+        up = self._tracker.update(m.members, held)
+        for d in up.dropped:
+            self.telemetry.dropped_views.inc()
+            log.warning("undecodable view", extra={"fields": {"node": d.node, "error": d.error}})
+        if up.reannounce:
+            self._reannounce.set()
+        if up.views_changed:
             self.views_changed_at = time.monotonic()
-        return ClusterSnapshot(local=m.local, states=states, views=views)
+        return up.snapshot
 
     async def _reannounce_loop(self) -> None:
         """GARP every IP held here when the cluster heals or a rival releases one.
@@ -310,20 +280,9 @@ class Node:
             # Let the resolver digest the same change first (it may release).
             await trio.sleep(self.config.cluster.timers.gossip_interval)
             if self.resolver is not None:
-                decisions = self.resolver.decisions.value
-                contested = {
-                    ip for ip, hs in self.holders_by_ip().items() if set(hs) - {self.name}
-                }
-                # Only IPs we own and nobody else claims: announcing a contested IP
-                # would pull clients to a holder that may be about to release it,
-                # and their ARP lock time would then ignore the real owner's GARP.
-                owned = [
-                    ip
-                    for ip in self.resolver.held.value
-                    if (d := decisions.get(ip)) is not None
-                    and d.owner == self.name
-                    and ip not in contested
-                ]
+                owned = reannounce_targets(
+                    self.snapshot.value, self.resolver.decisions.value, self.resolver.held.value
+                )
                 if owned:
                     log.info("re-announcing %d owned IP(s) by gratuitous ARP", len(owned))
                     await self.plumbing.announce(owned)
@@ -331,13 +290,7 @@ class Node:
 
     def holders_by_ip(self) -> dict[IPv4Address, list[str]]:
         """IP -> the live (alive or suspect) nodes whose view says they hold it."""
-        snap = self.snapshot.value
-        out: dict[IPv4Address, list[str]] = {}
-        for name in sorted(snap.views):
-            if snap.states.get(name) in ("alive", "suspect"):
-                for ip in snap.views[name].held:
-                    out.setdefault(ip, []).append(name)
-        return out
+        return holders_by_ip(self.snapshot.value)
 
     async def _wait_synced(self) -> None:
         """Bounded wait until the seeds answered and every alive member's view is known."""
@@ -363,22 +316,15 @@ class Node:
 
     def binding_holders(self) -> dict[str, str | None]:
         decisions = self.resolver.decisions.value if self.resolver else {}
-        holders_by_ip = {ip: hs[-1] for ip, hs in self.holders_by_ip().items()}
-        out: dict[str, str | None] = {}
-        for b in self.config.bindings:
-            if b.bind_address is None or not b.enable_duravip:
-                continue
-            d = decisions.get(b.bind_address)
-            out[b.name] = holders_by_ip.get(b.bind_address) or (d.owner if d else None)
-        return out
+        bindings = {
+            b.name: b.bind_address
+            for b in self.config.bindings
+            if b.bind_address is not None and b.enable_duravip
+        }
+        return binding_holders(self.snapshot.value, decisions, bindings)
 
     def update_mail_holders(self) -> None:
-        snap = self.snapshot.value
-        peers = {
-            name: v.mmove_addr
-            for name, v in snap.views.items()
-            if v.mmove_addr is not None and snap.states.get(name) in ("alive", "suspect")
-        }
+        peers = mmove_peers(self.snapshot.value)
         self.mail.set_holders(self.binding_holders(), local=self.name, peers=peers)
 
     async def _notify_ready(self) -> None:

@@ -17,11 +17,12 @@ from ipaddress import IPv4Address
 import attrs
 
 from duravip.election.rule import Decision
+from duravip.swim.members import State
 
 __all__ = ["LIVE_STATES", "StableMembership", "apply_quorum", "has_quorum"]
 
 #: Member states that count as alive (suspicion alone never moves an IP).
-LIVE_STATES = frozenset({"alive", "suspect"})
+LIVE_STATES: frozenset[State] = frozenset({State.ALIVE, State.SUSPECT})
 
 
 class StableMembership:

@@ -23,13 +23,14 @@ from trio_util import AsyncValue
 
 from duravip.config import Config
 from duravip.election.handover import plan
+from duravip.election.picture import ClusterSnapshot
 from duravip.election.quorum import LIVE_STATES, StableMembership, apply_quorum
 from duravip.election.rule import Decision, Resolver, resolve
 from duravip.election.view import NodeView, Override, build_view
+from duravip.swim.members import State
 
 __all__ = [
     "Actuator",
-    "ClusterSnapshot",
     "ResolverService",
     "ResolverStats",
     "Takeover",
@@ -40,17 +41,6 @@ log = logging.getLogger("duravip.election")
 
 _BACKOFF_MIN = 0.1
 _BACKOFF_MAX = 5.0
-
-
-@attrs.frozen
-class ClusterSnapshot:
-    """The membership as the election needs it (the daemon adapts SWIM's)."""
-
-    local: str
-    #: node -> "alive" | "suspect" | "dead" | "left" (suspect counts as alive).
-    states: Mapping[str, str]
-    #: Latest decoded view per node (a node may have none yet).
-    views: Mapping[str, NodeView]
 
 
 class Actuator(Protocol):
@@ -260,7 +250,7 @@ class ResolverService:
             self._mature = True
             self._republish()
         states = dict(snap.states)
-        states[self.local] = "alive"
+        states[self.local] = State.ALIVE
         for node, state in states.items():
             if state in LIVE_STATES:
                 self._gone_since.pop(node, None)
