@@ -58,8 +58,8 @@ async def server_preamble(stream: trio.abc.Stream, keys: Sequence[bytes], cluste
     """Run the server side of the challenge-response; returns bytes read past it."""
     nonce_s = auth.new_nonce()
     await stream.send_all(auth.server_challenge(nonce_s))
-    line, rest = await _read_line(stream, b"")
     try:
+        line, rest = await _read_line(stream, b"")
         proof = auth.server_verify(line, nonce_s, keys, cluster)
     except auth.AuthError:
         await stream.send_all(auth.REFUSAL)
@@ -185,6 +185,16 @@ async def serve_listener(
     listeners = await trio.open_tcp_listeners(address.port, host=str(address.host))
 
     async def handle(stream: trio.SocketStream) -> None:
+        # trio.serve_listeners lets a handler's exception end the listener, and the
+        # daemon with it: nothing a peer sends may get that far.
+        try:
+            await authenticated(stream)
+        except Exception:
+            _bump(receiver.counters, "mmove_session_errors")
+            log.exception("%s: connection handler failed", SERVICE)
+            await trio.aclose_forcefully(stream)
+
+    async def authenticated(stream: trio.SocketStream) -> None:
         try:
             peer = stream.socket.getpeername()
             local = stream.socket.getsockname()
@@ -293,9 +303,11 @@ async def move_batch(
                 if not 200 <= res.code < 300:
                     raise MoveFailed(f"{node} refused {cur.id}: {res.code} {res.message}")
                 removes.start_soon(forget, cur)
+        except auth.AuthError as exc:
+            _bump(counters, "mmove_auth_failed")
+            failure = exc
         except (
             MoveFailed,
-            auth.AuthError,
             SmtpError,
             trio.TooSlowError,
             trio.BrokenResourceError,

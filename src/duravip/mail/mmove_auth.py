@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from collections.abc import Sequence
 
@@ -37,13 +38,25 @@ def new_nonce() -> str:
     return secrets.token_hex(NONCE_BYTES)
 
 
-def _mac(key: bytes, tag: bytes, first: str, second: str, cluster: str) -> str:
+#: A nonce or a MAC on the wire: exactly 64 lower-case hex digits (both are 32 bytes).
+_HEX64 = re.compile(rb"[0-9a-f]{64}")
+
+
+def _mac(key: bytes, tag: bytes, first: str, second: str, cluster: str) -> bytes:
     msg = b"|".join([tag, first.encode(), second.encode(), cluster.encode()])
-    return hmac.new(key, msg, hashlib.sha256).hexdigest()
+    return hmac.new(key, msg, hashlib.sha256).hexdigest().encode("ascii")
 
 
-def _is_nonce(text: str) -> bool:
-    return len(text) == 2 * NONCE_BYTES and all(c in "0123456789abcdef" for c in text)
+def _hex_field(raw: bytes) -> str | None:
+    """``raw`` as text if it is 64 lower-case hex digits, else None.
+
+    Every field is validated as bytes before anything is decoded or compared:
+    ``hmac.compare_digest`` raises ``TypeError`` on non-ASCII ``str``, and an
+    exception other than :class:`AuthError` here would end the whole daemon.
+    """
+    if _HEX64.fullmatch(raw) is None:
+        return None
+    return raw.decode("ascii")
 
 
 def server_challenge(nonce_s: str) -> bytes:
@@ -55,11 +68,11 @@ def client_response(challenge_line: bytes, key: bytes, cluster: str) -> tuple[by
     parts = challenge_line.strip().split(b" ")
     if len(parts) != 2 or parts[0] != BANNER:
         raise AuthError("not an mmove listener")
-    nonce_s = parts[1].decode("ascii", "replace")
-    if not _is_nonce(nonce_s):
+    nonce_s = _hex_field(parts[1])
+    if nonce_s is None:
         raise AuthError("bad server nonce")
     nonce_c = new_nonce()
-    line = f"{nonce_c} {_mac(key, b'c', nonce_s, nonce_c, cluster)}\r\n".encode()
+    line = nonce_c.encode() + b" " + _mac(key, b"c", nonce_s, nonce_c, cluster) + b"\r\n"
     return line, nonce_s, nonce_c
 
 
@@ -68,19 +81,22 @@ def server_verify(response_line: bytes, nonce_s: str, keys: Sequence[bytes], clu
     parts = response_line.strip().split(b" ")
     if len(parts) != 2:
         raise AuthError("malformed response")
-    nonce_c = parts[0].decode("ascii", "replace")
-    given = parts[1].decode("ascii", "replace")
-    if not _is_nonce(nonce_c) or nonce_c == nonce_s:
+    nonce_c = _hex_field(parts[0])
+    if nonce_c is None or nonce_c == nonce_s:
         raise AuthError("bad client nonce")
+    given = parts[1]
+    if _hex_field(given) is None:
+        raise AuthError("malformed MAC")
     for key in keys:
         if hmac.compare_digest(_mac(key, b"c", nonce_s, nonce_c, cluster), given):
-            return f"{_mac(key, b's', nonce_c, nonce_s, cluster)}\r\n".encode()
+            return _mac(key, b"s", nonce_c, nonce_s, cluster) + b"\r\n"
     raise AuthError("no key matches")
 
 
 def client_verify(proof_line: bytes, key: bytes, nonce_s: str, nonce_c: str, cluster: str) -> None:
+    """Check the server's proof; any other line (garbage included) is an :class:`AuthError`."""
     want = _mac(key, b"s", nonce_c, nonce_s, cluster)
-    if not hmac.compare_digest(want, proof_line.strip().decode("ascii", "replace")):
+    if not hmac.compare_digest(want, proof_line.strip()):
         raise AuthError("server failed to prove cluster membership")
 
 
