@@ -15,13 +15,9 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "netns-lab"))
-
-from duravip_lab import Lab  # noqa: E402
-from scenario import (  # noqa: E402
+from duravip_lab import Lab
+from duravip_lab.scenario import (
     PREFERRED,
     VIPS,
     HolderSampler,

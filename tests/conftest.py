@@ -13,13 +13,10 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-LAB_DIR = REPO / "netns-lab"
 #: pid-derived, zero-padded so that "t0471" + counter never reads as another run's name.
 LAB_PREFIX = f"t{os.getpid() % 1000:03d}"
 
@@ -28,8 +25,7 @@ _created: list[str] = []
 
 
 def _lab_module() -> Any:
-    if str(LAB_DIR) not in sys.path:
-        sys.path.insert(0, str(LAB_DIR))
+    """The lab package, imported only by tests that use it (installed with ``.[test]``)."""
     import duravip_lab
 
     return duravip_lab

@@ -55,7 +55,6 @@ def test_short_chaos_run_loses_nothing(tmp_path: Path) -> None:
             out, err = proc.communicate()
         pytest.fail(f"chaos run overran {TIMEOUT_S} s:\n{err[-3000:]}")
     finally:
-        sys.path.insert(0, str(REPO / "netns-lab"))
         import duravip_lab
 
         leftover = duravip_lab.Lab(f"bc{proc.pid % 100}")
@@ -156,8 +155,7 @@ def test_checker_counts_lost_duplicated_and_misrouted() -> None:
 
 
 def test_outages_and_percentiles() -> None:
-    sys.path.insert(0, str(REPO / "scripts"))
-    import benchlib
+    from duravip_lab import bench as benchlib
 
     recs = [{"ok": ok, "ts": t} for t, ok in [(0, 1), (1, 0), (2, 0), (3, 1), (4, 0)]]
     assert benchlib.outages(recs) == [(1.0, 2000.0), (4.0, 0.0)]

@@ -12,15 +12,10 @@ import re
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "netns-lab"))
-
-from scenario import (  # noqa: E402
+from duravip_lab.scenario import (
     LISTENER_VIPS,
     PREFERRED,
     VIPS,

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "netns-lab"))
-
-from scenario import PREFERRED, VIPS, holders, wait_converged
+from duravip_lab.scenario import PREFERRED, VIPS, holders, wait_converged
 
 pytestmark = pytest.mark.lab
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.lab
 
 REPO = Path(__file__).resolve().parents[2]
 LAB_DIR = REPO / "netns-lab"
-STANDIN = f"{{python}} {LAB_DIR / 'standin.py'} {{node}}"
+STANDIN = "{python} -m duravip_lab.standin {node}"
 
 Factory = Callable[..., Any]
 

@@ -5,17 +5,10 @@ No namespaces here, so no root and no ``lab`` mark.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "netns-lab"))
-
-from duravip_lab import (  # noqa: E402
+from duravip_lab import (
     LabSpec,
     main,
     node_ip,
@@ -23,7 +16,10 @@ from duravip_lab import (  # noqa: E402
     scan_config,
     vip_ip,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+REPO = Path(__file__).resolve().parents[2]
 STATE = Path("/run/duravip-lab/dvl")
 
 

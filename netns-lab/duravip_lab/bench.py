@@ -1,16 +1,15 @@
-#!/usr/bin/env python3
-"""Shared code of the lab benchmarks (bench-failover, chaos, bench-scale).
+"""What the lab benchmarks share (bench-failover, bench-scale, chaos), and their helpers.
 
-Why one module: the three scripts drive the same netns lab, need the same
+Why one module: the scripts drive the same netns lab, need the same
 percentiles, the same safe set-up/tear-down, and the same helper processes
 that must run *inside* a namespace. Those helpers are subcommands of this very
-file so a lab can launch them with ``ip netns exec``:
+module so a lab can launch them with ``ip netns exec``:
 
-    benchlib.py keepalived-node NODE DIR    keepalived + SMTP banner stand-in, one group
-    benchlib.py inject ...                  send mail at a fixed rate, one JSON line a try
-    benchlib.py probe-many ...              probe several VIPs at once, one JSON line a try
+    python -m duravip_lab.bench keepalived-node NODE DIR   keepalived + SMTP banner stand-in
+    python -m duravip_lab.bench inject ...                 send mail at a fixed rate, JSON lines
+    python -m duravip_lab.bench probe-many ...             probe several VIPs at once, JSON lines
 
-Standard library only, so the helpers start fast under any interpreter.
+Standard library only, so the helpers start fast.
 """
 
 from __future__ import annotations
@@ -29,22 +28,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-LABDIR = REPO / "netns-lab"
-VENV_PY = REPO / ".venv" / "bin" / "python"
-if str(LABDIR) not in sys.path:
-    sys.path.insert(0, str(LABDIR))
+from .base import PKG_DIR
+from .lab import Lab
+from .probe import attempt
 
-
-def reexec_under_venv() -> None:
-    """Re-run the calling script under the project's venv (the daemons need duravip)."""
-    if (
-        VENV_PY.exists()
-        and Path(sys.prefix).resolve() != VENV_PY.parent.parent.resolve()
-        and not os.environ.get("LAB_NO_REEXEC")
-    ):
-        os.execv(str(VENV_PY), [str(VENV_PY), str(Path(sys.argv[0]).resolve()), *sys.argv[1:]])
+#: ``python -m`` names of this module, for the commands a lab runs in a namespace.
+MODULE = "duravip_lab.bench"
 
 
 # --- numbers -----------------------------------------------------------------------------------
@@ -104,10 +93,8 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 @contextlib.contextmanager
-def lab_session(name: str, **up: Any) -> Iterator[Any]:
+def lab_session(name: str, **up: Any) -> Iterator[Lab]:
     """``Lab(name).up(**up)``, yielded; always ``down`` afterwards, also on SIGTERM/Ctrl-C."""
-    from duravip_lab import Lab
-
     old = signal.signal(signal.SIGTERM, _on_sigterm)
     lab = Lab(name)
     if lab.exists():  # a leftover of an earlier run of ours with the same pid slot
@@ -131,7 +118,7 @@ def log(msg: str) -> None:
 
 def keepalived_conf(node: str, priority: int, vip: str, advert_int: float, vrid: int = 51) -> str:
     """One VRRPv3 instance for ``vip`` on eth1 (v3: sub-second ``advert_int`` needs it)."""
-    return f"""# written by scripts/benchlib.py for the duravip failover comparison
+    return f"""# written by duravip_lab.bench for the duravip failover comparison
 global_defs {{
   router_id {node}
   vrrp_version 3
@@ -152,7 +139,7 @@ vrrp_instance VI_1 {{
 """
 
 
-def write_keepalived_configs(lab: Any, vip: str, master: str, advert_int: float) -> None:
+def write_keepalived_configs(lab: Lab, vip: str, master: str, advert_int: float) -> None:
     """keepalived.conf in every node dir; ``master`` gets the highest priority (preempts)."""
     for i, node in enumerate(lab.nodes):
         prio = 200 if node == master else 100 - i
@@ -163,7 +150,7 @@ def write_keepalived_configs(lab: Any, vip: str, master: str, advert_int: float)
 
 def keepalived_daemon_cmd() -> str:
     """``lab up --daemon-cmd`` template that runs :func:`keepalived_node` in each node."""
-    return f"{{python}} {HERE / 'benchlib.py'} keepalived-node {{node}} {{dir}}"
+    return f"{{python}} -m {MODULE} keepalived-node {{node}} {{dir}}"
 
 
 def keepalived_node(node: str, d: Path) -> int:
@@ -190,7 +177,7 @@ def keepalived_node(node: str, d: Path) -> int:
             str(d / "chk.pid"),
         ]
     )
-    sa = subprocess.Popen([sys.executable, str(LABDIR / "standin.py"), node])
+    sa = subprocess.Popen([sys.executable, str(PKG_DIR / "standin.py"), node])
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     while not stop.is_set() and ka.poll() is None and sa.poll() is None:
@@ -265,9 +252,7 @@ def inject(
 
 
 def probe_many(ips: list[str], interval: float, seconds: float, timeout: float) -> int:
-    """One thread per VIP, each like netns-lab/probe.py; JSON lines with ``ip`` added."""
-    from probe import attempt
-
+    """One thread per VIP, each like ``duravip_lab.probe``; JSON lines with ``ip`` added."""
     lock = threading.Lock()
     start = time.monotonic()
 
@@ -296,14 +281,15 @@ def probe_many(ips: list[str], interval: float, seconds: float, timeout: float) 
 class Background:
     """A helper subcommand of this file running in a lab namespace; JSON lines collected."""
 
-    def __init__(self, lab: Any, member: str, args: Sequence[str], limit_s: float) -> None:
+    def __init__(self, lab: Lab, member: str, args: Sequence[str], limit_s: float) -> None:
         argv = [
             "ip",
             "netns",
             "exec",
             lab.ns(member),
             lab.spec.python,
-            str(HERE / "benchlib.py"),
+            "-m",
+            MODULE,
             *args,
         ]
         self.limit_s = limit_s
@@ -337,7 +323,7 @@ class Background:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="benchlib.py",
+        prog=f"python -m {MODULE}",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from duravip_lab import Lab
+from .lab import Lab
 
 #: The DuraVIPs of the lab's default 3-node, 3-VIP configs (see docs/examples/).
 VIPS = ["10.1.1.1", "10.1.1.2", "10.1.1.3", "10.1.1.101", "10.1.1.102", "10.1.2.1"]
