@@ -105,13 +105,16 @@ class Prober:
     def __init__(self, lab: Lab, ip: str, *, seconds: float, interval: float = 0.02,
                  port: int = 25, timeout: float = 0.3) -> None:
         self.lab = lab
-        self.args = dict(ip=ip, port=port, interval=interval, seconds=seconds, timeout=timeout)
+        self.ip, self.port, self.interval = ip, port, interval
+        self.seconds, self.timeout = seconds, timeout
         self.records: list[dict[str, Any]] = []
         self.started_at = 0.0
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        self.records = self.lab.probe(**self.args)
+        self.records = self.lab.probe(
+            self.ip, self.port, self.interval, self.seconds, self.timeout
+        )
 
     def start(self) -> Prober:
         self.started_at = time.time()
@@ -121,7 +124,7 @@ class Prober:
         return self
 
     def join(self) -> list[dict[str, Any]]:
-        self._thread.join(timeout=float(self.args["seconds"]) + 30)
+        self._thread.join(timeout=self.seconds + 30)
         return self.records
 
     def failover_ms(self, fault_at: float, new_holder: str | None = None) -> float | None:
@@ -133,7 +136,7 @@ class Prober:
             if (new_holder is not None and r["node"] == new_holder) or (
                 new_holder is None and r["node"] not in before
             ):
-                return (r["ts"] - fault_at) * 1000.0
+                return (float(r["ts"]) - fault_at) * 1000.0
         return None
 
     def failed(self, after: float = 0.0) -> int:

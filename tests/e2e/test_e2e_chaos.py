@@ -155,10 +155,10 @@ def test_checker_counts_lost_duplicated_and_misrouted() -> None:
 
 
 def test_outages_and_percentiles() -> None:
-    from duravip_lab import bench as benchlib
+    from duravip_lab import bench
 
     recs = [{"ok": ok, "ts": t} for t, ok in [(0, 1), (1, 0), (2, 0), (3, 1), (4, 0)]]
-    assert benchlib.outages(recs) == [(1.0, 2000.0), (4.0, 0.0)]
-    assert benchlib.percentile([5, 1, 3, 2, 4], 50) == 3
-    assert benchlib.summary([]) == {"p50_ms": None, "p90_ms": None, "max_ms": None}
-    assert benchlib.summary([10.0] * 9 + [100.0])["p90_ms"] == 10.0
+    assert bench.outages(recs) == [(1.0, 2000.0), (4.0, 0.0)]
+    assert bench.percentile([5, 1, 3, 2, 4], 50) == 3
+    assert bench.summary([]) == {"p50_ms": None, "p90_ms": None, "max_ms": None}
+    assert bench.summary([10.0] * 9 + [100.0])["p90_ms"] == 10.0
