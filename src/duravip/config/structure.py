@@ -70,7 +70,7 @@ _BINDING_TYPES: Final = {
 _SPOOL_TYPES: Final = _field_types(SpoolConfig)
 _DELIVERY_TYPES: Final = _field_types(DeliveryConfig)
 _SMTP_TYPES: Final = _field_types(SmtpLimits)
-_CONTROL_LISTEN_TYPES: Final = {"mode": int}
+_CONTROL_LISTEN_TYPES: Final = {"mode": int, "group": str}
 _TOP_TYPES: Final = {"use_iflist_cache": bool}
 
 #: Canonical spellings, used in "did you mean" hints and docs.

@@ -7,6 +7,7 @@ reports every problem and each rule can be tested on its own.
 from __future__ import annotations
 
 import difflib
+import grp
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address
 
@@ -280,6 +281,61 @@ def check_timers(config: Config, locs: Locs) -> Iterator[Diagnostic]:
         )
 
 
+def check_control(config: Config, locs: Locs) -> Iterator[Diagnostic]:
+    """The control socket is a root shell on the cluster: keep its mode narrow."""
+    c = config.control
+    listen = locs.get(("control", "listen"))
+    mode_loc = locs.get(("control", "listen", "mode"), listen)
+    group_loc = locs.get(("control", "listen", "group"), listen)
+    if c.mode & 0o007:
+        yield _warn(
+            mode_loc,
+            f"control socket mode {c.mode:04o} gives every local user access",
+            'use mode = "0600", or "0660" with group = "..."',
+        )
+    elif c.mode & 0o020 and c.group is None:
+        yield _warn(
+            mode_loc,
+            f"control socket mode {c.mode:04o} lets a group write but no group is set",
+            'set group = "..." in this Listen block, or use mode = "0600"',
+        )
+    if c.group is not None:
+        if not c.mode & 0o020:
+            yield _warn(
+                group_loc,
+                f"control socket group '{c.group}': mode {c.mode:04o} does not let it connect",
+                'use mode = "0660"',
+            )
+        if not _group_exists(c.group):
+            yield _warn(
+                group_loc,
+                f"control socket group '{c.group}' does not exist on this host",
+                "the daemon refuses to start without it",
+            )
+
+
+def _group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return name.isdigit()
+    return True
+
+
+def check_smtp_limits(config: Config, locs: Locs) -> Iterator[Diagnostic]:
+    """Session caps of 0 would refuse every client: surely a typo."""
+    s = config.smtp
+    for key in ("max_sessions", "max_sessions_per_ip"):
+        if getattr(s, key) < 1:
+            yield _err(locs.get(("smtp", key), locs.get(("smtp",))), f"{key} must be at least 1")
+    if s.max_sessions_per_ip > s.max_sessions:
+        yield _warn(
+            locs.get(("smtp", "max_sessions_per_ip"), locs.get(("smtp",))),
+            f"max_sessions_per_ip ({s.max_sessions_per_ip}) is above max_sessions "
+            f"({s.max_sessions}): only max_sessions applies",
+        )
+
+
 RULES: tuple[Rule, ...] = (
     check_identity,
     check_held_addresses,
@@ -289,6 +345,8 @@ RULES: tuple[Rule, ...] = (
     check_bindings,
     check_groups,
     check_timers,
+    check_control,
+    check_smtp_limits,
 )
 
 
