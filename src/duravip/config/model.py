@@ -193,9 +193,9 @@ class SpoolConfig:
 class ControlConfig:
     path: Path = Path("/run/duravip/control.sock")
     mode: int = 0o600
-
     #: Group given the socket file; its members pass the ``SO_PEERCRED`` check.
     group: str | None = None
+
 
 @frozen
 class DeliveryConfig:
