@@ -16,7 +16,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from duravip.mail.spool import NewMessage, Spool, SpoolError
-from duravip.mail.spool_format import Kind, encode, scan
+from duravip.mail.spool_format import (
+    LEGACY_HEADER,
+    LEGACY_MAGIC,
+    MAGIC,
+    Damage,
+    Kind,
+    Record,
+    encode,
+    new_seed,
+    scan,
+    segment_header,
+)
 
 
 def new(
@@ -144,7 +155,9 @@ async def test_torn_tail_is_ignored_and_truncated(tmp_path: Path) -> None:
         sp.close()
         seg = tmp_path / "log" / "00000001.seg"
         good = seg.stat().st_size
-        rec = encode(Kind.STORE, {"id": "half"}, b"partial message")
+        seed = scan(seg.read_bytes()).seed
+        assert seed is not None
+        rec = encode(Kind.STORE, {"id": "half"}, b"partial message", seed=seed)
         with open(seg, "ab") as f:
             f.write(rec[: len(rec) - 5])
         sp2 = Spool.open(tmp_path)
@@ -157,26 +170,162 @@ async def test_torn_tail_is_ignored_and_truncated(tmp_path: Path) -> None:
         sp3.close()
 
 
+def _records(seed: int, n: int = 8) -> list[bytes]:
+    """Small records of every kind, data sizes 0..n (one STORE has none)."""
+    kinds = [Kind.SEEN, Kind.STORE, Kind.UPDATE, Kind.STORE, Kind.REMOVE, Kind.STORE]
+    return [
+        encode(kinds[i % len(kinds)], {"id": f"m{i}"}, bytes([65 + i]) * i, seed=seed)
+        for i in range(n)
+    ]
+
+
+def _content(buf: bytes, r: Record) -> tuple[Kind, object, bytes]:
+    return r.kind, r.meta, buf[r.data_offset : r.data_offset + r.data_len]
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     cut=st.integers(min_value=0, max_value=10_000), flip=st.integers(min_value=0, max_value=10_000)
 )
 def test_scan_never_returns_a_partial_record(cut: int, flip: int) -> None:
-    recs = [encode(Kind.STORE, {"id": f"m{i}"}, bytes([i]) * (i * 37)) for i in range(6)]
-    buf = b"".join(recs)
+    seed = new_seed()
+    recs = [encode(Kind.STORE, {"id": f"m{i}"}, bytes([i]) * (i * 37), seed=seed) for i in range(6)]
+    head = segment_header(seed)
+    buf = head + b"".join(recs)
     cut %= len(buf) + 1
     damaged = bytearray(buf[:cut])
+    flipped = None
     if damaged and flip % 3 == 0:
-        pos = flip % len(damaged)
-        damaged[pos] ^= 0xFF
-    got, good = scan(bytes(damaged))
-    assert good <= len(damaged)
-    ends = [sum(len(r) for r in recs[: i + 1]) for i in range(len(recs))]
-    # Every reported record is one of the originals, complete and in order.
-    for i, r in enumerate(got):
+        flipped = flip % len(damaged)
+        damaged[flipped] ^= 0xFF
+    res = scan(bytes(damaged))
+    ends = [len(head) + sum(len(r) for r in recs[: i + 1]) for i in range(len(recs))]
+    # Every reported record is one of the originals, complete, in order, at its place.
+    assert [r.offset + r.length for r in res.records] == sorted(r.offset + r.length for r in res.records)
+    for r in res.records:
+        i = int(r.meta["id"][1:])
         assert r.meta == {"id": f"m{i}"}
-        assert r.offset + r.length == ends[i]
-        assert ends[i] <= cut
+        assert r.offset + r.length == ends[i] <= cut
+        assert bytes(damaged[r.data_offset : r.data_offset + r.data_len]) == bytes([i]) * (i * 37)
+
+
+def test_scan_keeps_every_record_a_flip_misses() -> None:
+    """Exhaustive: every bit of a small segment; only the record holding the bit may go."""
+    seed = new_seed()
+    recs = _records(seed)
+    head = segment_header(seed)
+    buf = head + b"".join(recs)
+    base = scan(buf)
+    assert not base.damage and len(base.records) == len(recs)
+    want = [_content(buf, r) for r in base.records]
+    spans = [(r.offset, r.offset + r.length) for r in base.records]
+    for pos in range(len(buf)):
+        for bit in range(8):
+            damaged = bytearray(buf)
+            damaged[pos] ^= 1 << bit
+            res = scan(bytes(damaged))
+            got = {(r.offset, r.offset + r.length): _content(bytes(damaged), r) for r in res.records}
+            where = (pos, bit)
+            for span, content in zip(spans, want, strict=True):
+                if not span[0] <= pos < span[1]:
+                    assert got.get(span) == content, where
+            assert all(got[s] == want[spans.index(s)] for s in got), where
+            assert res.seed == seed, where
+            assert res.damage and all(d.kind is Damage.CORRUPT for d in res.damage), where
+            bad = res.corrupt
+            assert any(d.offset <= pos < d.offset + d.length for d in bad), where
+
+
+def test_false_magic_inside_data_cannot_derail_resync() -> None:
+    """A message may contain the magic, even whole records: resync must not take them."""
+    seed = new_seed()
+    forged = b"".join(
+        encode(Kind.REMOVE, {"id": f"m{i}"}, seed=new_seed()) for i in range(8)
+    ) + encode(Kind.STORE, {"id": "forged"}, b"x", seed=seed ^ 1)
+    payload = MAGIC * 40 + forged + MAGIC + b"\xff" * 40
+    recs = [
+        encode(Kind.STORE, {"id": "m0"}, b"first", seed=seed),
+        encode(Kind.STORE, {"id": "evil"}, payload, seed=seed),
+        encode(Kind.STORE, {"id": "m2"}, b"third", seed=seed),
+    ]
+    head = segment_header(seed)
+    buf = head + b"".join(recs)
+    evil = len(head) + len(recs[0])
+    # Flip every bit of the carrier's header: resync scans through its payload.
+    for pos in range(evil, evil + 29):
+        for bit in range(8):
+            damaged = bytearray(buf)
+            damaged[pos] ^= 1 << bit
+            res = scan(bytes(damaged))
+            assert [r.meta["id"] for r in res.records] == ["m0", "m2"], (pos, bit)
+            assert [(d.offset, d.length) for d in res.damage] == [(evil, len(recs[1]))]
+
+
+def test_torn_tail_is_told_from_corruption() -> None:
+    seed = new_seed()
+    recs = _records(seed)
+    buf = segment_header(seed) + b"".join(recs)
+    last = len(buf) - len(recs[-1])
+    for cut in range(last + 1, len(buf)):
+        res = scan(buf[:cut])
+        assert len(res.records) == len(recs) - 1
+        assert res.corrupt == [] and res.torn is not None, cut
+        assert (res.torn.offset, res.torn.length) == (last, cut - last)
+    # Zeros where the last append should be (size persisted, data not): torn too.
+    res = scan(buf[:last] + bytes(len(recs[-1])))
+    assert res.corrupt == [] and res.torn is not None
+    # A whole last record with one wrong bit is damage, not a torn write.
+    damaged = bytearray(buf)
+    damaged[-1] ^= 1
+    res = scan(bytes(damaged))
+    assert res.torn is None and len(res.corrupt) == 1
+
+
+def _legacy(kind: Kind, meta: dict[str, object], data: bytes = b"") -> bytes:
+    """A record as the first spool format wrote it (checksum over meta and data only)."""
+    import json
+
+    import xxhash
+
+    m = json.dumps(meta, separators=(",", ":"), sort_keys=True).encode()
+    h = xxhash.xxh64(m)
+    h.update(data)
+    return LEGACY_HEADER.pack(LEGACY_MAGIC, int(kind), len(m), len(data), h.intdigest()) + m + data
+
+
+async def test_legacy_segment_is_read_but_never_appended_to(tmp_path: Path) -> None:
+    from duravip.mail.spool_format import QueuedMessage, meta_of
+
+    with trio.fail_after(10):
+        msgs = [
+            QueuedMessage(f"old{i}", "a@x", ("b@y",), "default", "default", "n0", f"old{i}", 3, 1.0)
+            for i in range(3)
+        ]
+        (tmp_path / "log").mkdir(parents=True)
+        seg = tmp_path / "log" / "00000001.seg"
+        recs = [_legacy(Kind.SEEN, {"keys": {"k/1": 1.0}})]
+        recs += [_legacy(Kind.STORE, meta_of(m), b"d%d\n" % i) for i, m in enumerate(msgs)]
+        recs.append(_legacy(Kind.REMOVE, {"id": "old1"}))
+        legacy = b"".join(recs)
+        damaged = bytearray(legacy)
+        damaged[len(recs[0]) + 9] ^= 0x40  # a length bit of old0's record: resync past it
+        seg.write_bytes(damaged)
+        sp = Spool.open(tmp_path)
+        assert [m.id for m in sp.iter()] == ["old2"]
+        assert sp.read_data("old2") == b"d2\n"
+        assert sp.has_mmove_id("k/1")
+        assert sp.recovery.corrupt_regions == 1
+        assert scan(seg.read_bytes()).legacy  # repaired, still in the old format
+        seg2 = tmp_path / "log" / "00000002.seg"
+        assert scan(seg2.read_bytes()).seed is not None
+        q = await sp.store(new(b"fresh\r\n"))
+        assert sp.state.where[q].segment == 2
+        sp.close()
+        sp2 = Spool.open(tmp_path)
+        assert {m.id for m in sp2.iter()} == {"old2", q}
+        assert sp2.read_data("old2") == b"d2\n"
+        assert sp2.recovery.corrupt_regions == 0
+        sp2.close()
 
 
 async def test_write_failure_raises_and_spool_stays_usable(
@@ -284,7 +433,7 @@ async def test_seen_checkpoint_is_chunked(tmp_path: Path, monkeypatch: pytest.Mo
         assert not (tmp_path / "log" / "00000001.seg").exists()
         sp.close()
         first = min((tmp_path / "log").iterdir())
-        records, _ = scan(first.read_bytes())
+        records = scan(first.read_bytes()).records
         seen = [r for r in records if r.kind is Kind.SEEN]
         assert len(seen) == 4 and all(len(r.meta["keys"]) <= 3 for r in seen)
         sp2 = Spool.open(tmp_path, segment_size=1024)

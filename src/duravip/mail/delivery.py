@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import MutableMapping, Sequence
 from pathlib import Path
@@ -19,7 +18,7 @@ import trio
 
 from duravip.config.model import HostPort
 from duravip.mail.smtpclient import SmtpError, SmtpSession, open_tcp
-from duravip.mail.spool import Spool
+from duravip.mail.spool import Spool, write_private_file
 from duravip.mail.spool_format import QueuedMessage
 
 log = logging.getLogger(__name__)
@@ -50,12 +49,8 @@ def write_bounce(
         "time": time.time(),
     }
     final = bounce_dir / f"{msg.id}-{int(time.time() * 1000)}.bounce"
-    tmp = final.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        f.write(json.dumps(head).encode() + b"\n\n" + data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    # 0600 whatever the umask; the bounces/ directory is fsynced after the rename.
+    write_private_file(final, json.dumps(head).encode() + b"\n\n" + data)
     return final
 
 

@@ -53,6 +53,9 @@ COUNTERS = (
     "mmove_dup",
     "mmove_auth_failed",
     "mmove_failed",
+    # Found by the spool's recovery at open (see Spool.recovery).
+    "spool_torn_tails",
+    "spool_corrupt_regions",
 )
 
 
@@ -87,6 +90,7 @@ class MailService:
         self.spool = spool
         self.keyring_keys = keyring_keys
         self.counters: MutableMapping[str, int] = dict.fromkeys(COUNTERS, 0)
+        self.counters.update(spool.recovery.counters())
         self.sink: MessageSink = _IngestSink(self)
         self.holders: dict[str, str | None] = {}
         self.peers: dict[str, HostPort] = {}

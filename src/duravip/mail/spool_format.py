@@ -1,28 +1,46 @@
 """On-disk record format of the spool log, and replay (pure: no I/O, no trio).
 
-A segment file is a sequence of records::
+A segment file starts with a segment header, written twice (one damaged copy
+is not fatal), then a sequence of records::
 
-    magic "DVR1" | kind u8 | meta_len u32 | data_len u32 | xxh64(meta + data) u64 | meta | data
+    header  "DVSG" | version u8 | 3 zero bytes | seed u64 | xxh64(first 16 bytes) u64   (x2)
+    record  "DVR2" | kind u8 | meta_len u32 | data_len u32 | body u64 | head u64 | meta | data
 
-``meta`` is UTF-8 JSON, ``data`` the raw message (STORE only). A record is
-visible only if its header, length and checksum are all intact, so a torn write
-at the tail of a segment (a crash during append) is simply not there: replay
-stops at the first bad record and reports how many bytes were good.
+``meta`` is UTF-8 JSON, ``data`` the raw message (STORE only). ``body`` is
+xxh64(meta + data) and ``head`` xxh64 of the 21 bytes before it, both seeded
+with the segment's random seed. The head digest covers the kind and both
+lengths, so a flipped bit there cannot turn a record into another one or move
+the next record boundary; and since it costs O(1) to check, recovery can
+resynchronise by trying every later occurrence of the magic: a false magic
+inside message data fails it (a message cannot forge one: the seed never
+leaves the spool). A record whose head is authentic but whose body is not is
+skipped by its (trusted) length. Segments written before this format (no
+header, ``DVR1`` records whose checksum covers meta and data only) are still
+read, never appended to.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import struct
-from collections.abc import Iterator, Mapping
-from enum import IntEnum
+from collections.abc import Callable, Iterator, Mapping
+from enum import Enum, IntEnum
 from typing import Any
 
 import xxhash
 from attrs import evolve, frozen
 
-MAGIC = b"DVR1"
-HEADER = struct.Struct(">4sBIIQ")
+MAGIC = b"DVR2"
+#: Up to and including ``body``: what the head digest covers.
+PREFIX = struct.Struct(">4sBIIQ")
+HEADER = struct.Struct(">4sBIIQQ")
+LEGACY_MAGIC = b"DVR1"
+LEGACY_HEADER = struct.Struct(">4sBIIQ")
+SEG_MAGIC = b"DVSG"
+SEG_VERSION = 2
+SEG_COPY = struct.Struct(">4sB3xQQ")
+SEG_HEADER_SIZE = 2 * SEG_COPY.size
 #: Metadata larger than this is refused when writing and treated as corruption
 #: when reading (guards replay memory).
 MAX_META = 16 << 20
@@ -82,21 +100,35 @@ class Record:
     length: int
 
 
-def encode(kind: Kind, meta: Mapping[str, Any], data: bytes = b"") -> bytes:
-    """One record, ready to append."""
+def new_seed() -> int:
+    """A segment seed: random, so record checksums cannot be forged from outside the spool."""
+    return secrets.randbits(64)
+
+
+def segment_header(seed: int) -> bytes:
+    """The two identical header copies a segment starts with."""
+    head = struct.pack(">4sB3xQ", SEG_MAGIC, SEG_VERSION, seed)
+    one = head + xxhash.xxh64_intdigest(head).to_bytes(8, "big")
+    return one + one
+
+
+def encode(kind: Kind, meta: Mapping[str, Any], data: bytes = b"", *, seed: int) -> bytes:
+    """One record for a segment whose header carries ``seed``, ready to append."""
     m = json.dumps(meta, separators=(",", ":"), sort_keys=True).encode()
     if len(m) > MAX_META:
         raise RecordTooLarge(f"record metadata of {len(m)} bytes exceeds {MAX_META}")
-    h = xxhash.xxh64(m)
+    h = xxhash.xxh64(m, seed=seed)
     h.update(data)
-    return HEADER.pack(MAGIC, int(kind), len(m), len(data), h.intdigest()) + m + data
+    prefix = PREFIX.pack(MAGIC, int(kind), len(m), len(data), h.intdigest())
+    head = xxhash.xxh64_intdigest(prefix, seed=seed).to_bytes(8, "big")
+    return b"".join((prefix, head, m, data))
 
 
-def seen_records(seen: Mapping[str, float]) -> bytes:
+def seen_records(seen: Mapping[str, float], *, seed: int) -> bytes:
     """The SEEN checkpoint: every received transfer key, in chunks of ``SEEN_CHUNK``."""
     items = list(seen.items())
     chunks = [items[i : i + SEEN_CHUNK] for i in range(0, len(items), SEEN_CHUNK)] or [[]]
-    return b"".join(encode(Kind.SEEN, {"keys": dict(c)}) for c in chunks)
+    return b"".join(encode(Kind.SEEN, {"keys": dict(c)}, seed=seed) for c in chunks)
 
 
 def meta_of(msg: QueuedMessage) -> dict[str, Any]:
@@ -133,32 +165,174 @@ def message_of(meta: Mapping[str, Any]) -> QueuedMessage:
     )
 
 
-def scan(buf: bytes) -> tuple[list[Record], int]:
-    """Parse records from a segment's bytes; returns them and the length of the intact prefix."""
-    out: list[Record] = []
-    pos = 0
+class Damage(Enum):
+    #: An append cut short by a crash: never acknowledged, nothing valid after it.
+    TORN = "torn"
+    #: Bytes that were written whole and are now wrong (media, firmware, a stray write).
+    CORRUPT = "corrupt"
+
+
+@frozen
+class Damaged:
+    """A byte range of a segment that holds no valid record."""
+
+    offset: int
+    length: int
+    kind: Damage
+
+
+@frozen
+class SegmentScan:
+    records: list[Record]
+    #: The segment's seed; ``None`` for a legacy (``DVR1``) or unreadable segment.
+    seed: int | None
+    legacy: bool
+    #: Where the records start (after the segment header, if any).
+    body_start: int
+    damage: list[Damaged]
+
+    @property
+    def corrupt(self) -> list[Damaged]:
+        return [d for d in self.damage if d.kind is Damage.CORRUPT]
+
+    @property
+    def torn(self) -> Damaged | None:
+        return next((d for d in self.damage if d.kind is Damage.TORN), None)
+
+
+# What parsing at one offset found.
+_OK, _NONE, _SKIP, _SHORT = range(4)
+_Parsed = tuple[int, int, "Record | None"]
+
+
+def _seg_copy(buf: bytes, off: int) -> int | None:
+    if len(buf) < off + SEG_COPY.size:
+        return None
+    magic, version, seed, check = SEG_COPY.unpack_from(buf, off)
+    if magic != SEG_MAGIC or version != SEG_VERSION:
+        return None
+    if xxhash.xxh64_intdigest(buf[off : off + 16]) != check:
+        return None
+    return int(seed)
+
+
+def _meta(buf: bytes, start: int, mlen: int) -> dict[str, Any] | None:
+    try:
+        meta = json.loads(buf[start : start + mlen])
+    except ValueError:
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _parse(buf: bytes, pos: int, seed: int) -> _Parsed:
+    """A record at ``pos``: ``_NONE`` if no authentic head starts there, ``_SKIP`` (with
+    its end) if the head is authentic but the body is not, ``_SHORT`` if it runs past EOF."""
     n = len(buf)
-    while pos + HEADER.size <= n:
-        magic, kind, mlen, dlen, digest = HEADER.unpack_from(buf, pos)
-        if magic != MAGIC or mlen > MAX_META or kind not in Kind._value2member_map_:
-            break
-        start = pos + HEADER.size
-        end = start + mlen + dlen
-        if end > n:
-            break
-        h = xxhash.xxh64(buf[start : start + mlen])
-        h.update(buf[start + mlen : end])
-        if h.intdigest() != digest:
-            break
-        try:
-            meta = json.loads(buf[start : start + mlen])
-        except ValueError:
-            break
-        if not isinstance(meta, dict):
-            break
-        out.append(Record(Kind(kind), meta, start + mlen, dlen, pos, end - pos))
-        pos = end
-    return out, pos
+    if pos + HEADER.size > n or buf[pos : pos + 4] != MAGIC:
+        return _NONE, 0, None
+    _, kind, mlen, dlen, body, head = HEADER.unpack_from(buf, pos)
+    if xxhash.xxh64_intdigest(buf[pos : pos + PREFIX.size], seed=seed) != head:
+        return _NONE, 0, None
+    start = pos + HEADER.size
+    end = start + mlen + dlen
+    if end > n:
+        return _SHORT, end, None
+    if mlen > MAX_META or kind not in Kind._value2member_map_:
+        return _SKIP, end, None
+    view = memoryview(buf)
+    h = xxhash.xxh64(view[start : start + mlen], seed=seed)
+    h.update(view[start + mlen : end])
+    if h.intdigest() != body:
+        return _SKIP, end, None
+    meta = _meta(buf, start, mlen)
+    if meta is None:
+        return _SKIP, end, None
+    return _OK, end, Record(Kind(kind), meta, start + mlen, dlen, pos, end - pos)
+
+
+def _parse_legacy(buf: bytes, pos: int, _seed: int) -> _Parsed:
+    """A ``DVR1`` record: lengths are not authenticated, so a bad one is never skipped over."""
+    n = len(buf)
+    if pos + LEGACY_HEADER.size > n:
+        return _NONE, 0, None
+    magic, kind, mlen, dlen, digest = LEGACY_HEADER.unpack_from(buf, pos)
+    if magic != LEGACY_MAGIC or mlen > MAX_META or kind not in Kind._value2member_map_:
+        return _NONE, 0, None
+    start = pos + LEGACY_HEADER.size
+    end = start + mlen + dlen
+    if end > n:
+        return _SHORT, end, None
+    view = memoryview(buf)
+    h = xxhash.xxh64(view[start : start + mlen])
+    h.update(view[start + mlen : end])
+    meta = _meta(buf, start, mlen) if h.intdigest() == digest else None
+    if meta is None:
+        return _NONE, 0, None
+    return _OK, end, Record(Kind(kind), meta, start + mlen, dlen, pos, end - pos)
+
+
+def scan(buf: bytes) -> SegmentScan:
+    """Every valid record of a segment, and every damaged range between and after them.
+
+    After a bad spot, parsing resumes at the next offset where a valid record
+    starts (the next occurrence of the magic whose head verifies), so damage
+    costs only the records it touches. A damaged tail with nothing valid after
+    it is TORN if it is a cut-short record (or zeros), else CORRUPT.
+    """
+    damage: list[Damaged] = []
+    copies = [_seg_copy(buf, 0), _seg_copy(buf, SEG_COPY.size)]
+    good = [s for s in copies if s is not None]
+    parse: Callable[[bytes, int, int], _Parsed]
+    if good:
+        seed: int | None = good[0]
+        legacy = False
+        pos = SEG_HEADER_SIZE
+        magic = MAGIC
+        parse = _parse
+        for i, s in enumerate(copies):
+            if s is None:
+                damage.append(Damaged(i * SEG_COPY.size, SEG_COPY.size, Damage.CORRUPT))
+    elif SEG_MAGIC in (buf[:4], buf[SEG_COPY.size : SEG_COPY.size + 4]):
+        # Both header copies damaged: without the seed no record can be verified.
+        return SegmentScan([], None, False, 0, [Damaged(0, len(buf), Damage.CORRUPT)])
+    else:
+        seed, legacy, pos, magic, parse = None, True, 0, LEGACY_MAGIC, _parse_legacy
+    body_start = pos
+    records: list[Record] = []
+    n = len(buf)
+    bad_from: int | None = None
+    while pos < n:
+        status, end, rec = parse(buf, pos, seed or 0)
+        if status == _OK:
+            assert rec is not None
+            if bad_from is not None:
+                damage.append(Damaged(bad_from, pos - bad_from, Damage.CORRUPT))
+                bad_from = None
+            records.append(rec)
+            pos = end
+            continue
+        if bad_from is None:
+            bad_from = pos
+        if status == _SKIP:
+            pos = end
+            continue
+        nxt = buf.find(magic, pos + 1)
+        pos = n if nxt < 0 else nxt
+    if bad_from is not None:
+        damage.append(Damaged(bad_from, n - bad_from, _tail_kind(buf, bad_from, seed, parse)))
+    return SegmentScan(records, seed, legacy, body_start, damage)
+
+
+def _tail_kind(
+    buf: bytes, pos: int, seed: int | None, parse: Callable[[bytes, int, int], _Parsed]
+) -> Damage:
+    tail = buf[pos:]
+    head_size = LEGACY_HEADER.size if seed is None else HEADER.size
+    if len(tail) < head_size or not tail.strip(b"\0"):
+        return Damage.TORN
+    if parse(buf, pos, seed or 0)[0] == _SHORT:
+        return Damage.TORN
+    return Damage.CORRUPT
 
 
 @frozen
