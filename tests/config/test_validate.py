@@ -281,3 +281,22 @@ def test_group_given_twice() -> None:
 def test_group_named_like_a_binding() -> None:
     r = run('Binding x { }\nBinding_Group "X" { Binding b { } }\n')
     assert only(r, "error", "has the name of a binding") == loc(6, 1)
+
+
+def test_control_socket_world_access_warns_at_the_mode() -> None:
+    r = run('Control_Listener { Listen "/run/d.sock" { mode = "0666" } }\n')
+    assert only(r, "warning", "gives every local user access") == loc(5, 43)
+    assert r.ok
+
+
+def test_control_socket_group_write_without_group_warns() -> None:
+    r = run('Control_Listener {\n  Listen "/run/d.sock" { mode = 0660 }\n}\n')
+    assert only(r, "warning", "no group is set") == loc(6, 26)
+
+
+def test_control_socket_group_needs_group_write_and_must_exist() -> None:
+    r = run('Control_Listener { Listen "/run/d.sock" { group = "no-such-grp-dv" } }\n')
+    assert only(r, "warning", "does not let it connect") == loc(5, 43)
+    assert only(r, "warning", "does not exist on this host") == loc(5, 43)
+    r = run('Control_Listener { Listen "/run/d.sock" { mode = "0660" group = "root" } }\n')
+    assert r.ok and r.diagnostics == []

@@ -7,6 +7,7 @@ import json
 import os
 import pty
 import select
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ import pytest
 import duravip.config
 from duravip.control import console
 from duravip.control.console import ControlClient, Unreachable, complete_words
+from duravip.control.protocol import Response
 
 from .conftest import ServerThread, sample_registry
 
@@ -121,6 +123,23 @@ def test_client_reconnects_after_server_restart(sockdir: Path) -> None:
             assert client._sock is not first
         with pytest.raises(Unreachable, match=str(path)):
             client.request(["cluster", "info"])
+    finally:
+        client.close()
+
+
+def test_refusal_queued_before_the_send_failed_is_shown(sockdir: Path) -> None:
+    """A daemon that refuses the peer answers and closes at once, often before the
+    console's first send: that send fails, but the refusal is waiting and must be
+    shown, not replaced by a reconnect and 'daemon closed the connection'."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    refusal = Response(ok=False, error="permission denied: uid 1000 is not allowed")
+    b.sendall(refusal.to_line())
+    b.close()
+    client = ControlClient(sockdir / "nothing-here.sock", timeout=5)
+    client._sock = a
+    try:
+        assert client.request(["cluster", "info"]) == refusal
+        assert client._sock is None
     finally:
         client.close()
 

@@ -207,3 +207,33 @@ async def test_path_too_long(sockdir: Path) -> None:
     path = sockdir / ("x" * 120) / "control.sock"
     with trio.fail_after(10), pytest.raises(ControlSocketError, match="too long"):
         await serve(path=path, registry=sample_registry())
+
+
+async def test_a_bug_in_request_handling_costs_one_connection_not_the_server(
+    sockdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import duravip.control.server as server_mod
+    from duravip.control.protocol import Request
+
+    class Exploding(Request):
+        @classmethod
+        def from_line(cls, line: bytes) -> Request:
+            raise KeyError("a decoder bug")
+
+    path = sockdir / "c.sock"
+    counters: dict[str, int] = {}
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            await n.start(lambda task_status: serve(
+                path=path, registry=sample_registry(), counters=counters,
+                task_status=task_status))
+            monkeypatch.setattr(server_mod, "Request", Exploding)
+            c = await Client.open(path)
+            await c.send(b'{"cmd":"cluster info"}\n')
+            assert await c.line() is None  # this connection is closed ...
+            monkeypatch.undo()
+            c2 = await Client.open(path)  # ... and the server still answers
+            assert (await c2.ask("cluster info"))["ok"]
+            await c2.stream.aclose()
+            n.cancel_scope.cancel()
+    assert counters["internal_error"] == 1 and counters["connections"] == 2

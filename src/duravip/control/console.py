@@ -89,7 +89,10 @@ class ControlClient:
             try:
                 self._send(line)
             except (BrokenPipeError, ConnectionResetError):
+                queued = self._queued_response()
                 self.close()
+                if queued is not None:
+                    return queued  # e.g. a refusal sent before our request arrived
                 self.connect()
                 self._send(line)
             return self._receive()
@@ -106,6 +109,24 @@ class ControlClient:
     def _send(self, line: bytes) -> None:
         assert self._sock is not None
         self._sock.sendall(line)
+
+    def _queued_response(self) -> Response | None:
+        """An answer the daemon sent before it closed this connection, if one waits.
+
+        Answers are always read in order, so on a failed send the only line that
+        can be waiting is one the daemon volunteered: its refusal of this peer.
+        """
+        assert self._sock is not None
+        try:
+            while True:
+                chunk = self._sock.recv(1 << 20, socket.MSG_DONTWAIT)
+                if not chunk:
+                    return None
+                lines = self._buf.feed(chunk)
+                if lines:
+                    return Response.from_line(lines[0])
+        except OSError:  # nothing waiting (EAGAIN), or reset after the last byte
+            return None
 
     def _receive(self) -> Response:
         assert self._sock is not None
