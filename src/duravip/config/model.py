@@ -17,6 +17,7 @@ from attrs import Factory, field, frozen
 
 Profile = Literal["lan", "fast", "wan"]
 Quorum = Literal["none", "majority"]
+BareNewline = Literal["reject", "normalize"]
 
 #: The SPEC's hard limit of DuraVIPs per node (as in the reference product).
 MAX_DURAVIPS = 10_240
@@ -213,6 +214,11 @@ class SmtpLimits:
     max_errors: int = 10
     command_timeout: float = 300.0
     data_timeout: float = 600.0
+    #: Concurrent sessions over all listeners, and per client IP; beyond: ``421 4.7.0``.
+    max_sessions: int = 1000
+    max_sessions_per_ip: int = 50
+    #: A body with a bare LF or CR (SMTP smuggling): refuse it (``550 5.5.2``) or rewrite to CRLF.
+    bare_newline: BareNewline = "reject"
 
 
 @frozen

@@ -3,18 +3,20 @@
 Why not ``smtpproto.client.AsyncSMTPClient``: it connects with
 ``anyio.connect_tcp`` and offers no source address, and delivery must leave
 from the binding's ``Bind_Address``. So we open the socket ourselves and drive
-``SMTPClientProtocol``. Two small additions, in a subclass: ESMTP parameters on
-``MAIL FROM`` (mmove's ``XBINDING=``/``XMMOVEID=``), and a 4xx/5xx after the
-data turned into a response instead of a protocol violation. Message bytes are
-sent as received (only dot-stuffed), never re-encoded by the ``email`` package.
+``SMTPClientProtocol``. Three small additions, in a subclass: ESMTP parameters on
+``MAIL FROM`` (mmove's ``XBINDING=``/``XMMOVEID=``), a 4xx/5xx after the
+data turned into a response instead of a protocol violation, and the body
+written by :func:`duravip.smtp.newlines.wire_body`: never re-encoded by the
+``email`` package, but always canonical CRLF and dot-stuffed, so a stored body
+with a bare LF or CR (``x LF . CRLF MAIL FROM:...``) cannot end the message
+early at the next hop and smuggle commands in (the downstream half of SMTP
+smuggling).
 """
 
 from __future__ import annotations
 
 import errno
 from collections.abc import Sequence
-from email.message import EmailMessage
-from email.policy import Policy
 from typing import Any
 
 import trio
@@ -26,28 +28,11 @@ from smtpproto.protocol import (
     SMTPResponse,
 )
 
+from duravip.smtp.newlines import wire_body
+
 
 class SmtpError(Exception):
     """The session broke (connection, timeout or protocol); every unsent message is deferred."""
-
-
-class _RawMessage(EmailMessage):
-    """Carries raw, already CRLF-terminated message bytes through ``SMTPClientProtocol.data``."""
-
-    def __init__(self, raw: bytes) -> None:
-        super().__init__()
-        if not raw.endswith(b"\r\n"):
-            raw += b"\r\n"
-        # smtpproto stuffs dots after CRLF only; the first line is ours to stuff.
-        if raw.startswith(b"."):
-            raw = b"." + raw
-        self._raw = raw
-
-    def as_bytes(self, unixfrom: bool = False, policy: Policy | None = None) -> bytes:
-        return self._raw
-
-    def __contains__(self, name: Any) -> bool:
-        return False
 
 
 class _Protocol(SMTPClientProtocol):
@@ -58,6 +43,12 @@ class _Protocol(SMTPClientProtocol):
         args.extend(params)
         self._smtputf8_message = False
         self._send_command("MAIL", b"FROM:<" + self._encode_address(sender) + b">", *args)
+
+    def data_raw(self, raw: bytes) -> None:
+        """The message as stored, sent canonical (``smtpproto.data`` wants an EmailMessage)."""
+        self._require_state(ClientState.send_data)
+        self._out_buffer += wire_body(raw)
+        self._state = ClientState.data_sent
 
     def _parse_response(self, code: int, lines: Sequence[str]) -> SMTPResponse | None:
         if self._command_sent is None and self._state is ClientState.data_sent and code >= 400:
@@ -187,7 +178,7 @@ class SmtpSession:
         # us not knowing whether the server took the message (and resending it
         # elsewhere makes a duplicate): let it finish, bounded by the timeout.
         with trio.CancelScope(shield=True):
-            r = await self._cmd(self.proto.data, _RawMessage(data))
+            r = await self._cmd(self.proto.data_raw, data)
         return SendResult(r.code, r.message, tuple(accepted), tuple(deferred), tuple(rejected))
 
     async def quit(self) -> None:

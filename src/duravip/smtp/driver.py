@@ -60,7 +60,8 @@ async def handle_connection(
     * Timeouts: ``limits.command_timeout`` between commands,
       ``limits.data_timeout`` while a body is arriving; then ``421 4.4.2``.
     * ``counters`` (optional) gets ``messages``, ``rejects``, ``timeouts`` and
-      ``sink_errors`` incremented.
+      ``sink_errors`` incremented, and at the end of the session
+      ``bare_newline_rejects`` / ``bare_newline_normalized``.
     """
     session = _Session(stream, settings, sink, peer, local, shutdown, counters)
     log.debug(
@@ -80,6 +81,13 @@ async def handle_connection(
             ended = True
             nursery.cancel_scope.cancel()
     finally:
+        if counters is not None:
+            for key, n in (
+                ("bare_newline_rejects", session.server.bare_newline_rejects),
+                ("bare_newline_normalized", session.server.bare_newline_normalized),
+            ):
+                if n:
+                    counters[key] = counters.get(key, 0) + n
         if not ended:
             await _goodbye(stream, session.server)
         with trio.CancelScope(shield=True):

@@ -5,6 +5,13 @@ listeners (``Enable_Duravip``, ``Duravip_Follow``, or any listener on an IP
 that is a DuraVIP for some other service) start only through
 :meth:`ListenerManager.start_ip`, after the daemon plumbed the IP, and stop
 through :meth:`ListenerManager.stop_ip`, before it unplumbs: break before make.
+
+Hostile load: an accept(2) capacity error (EMFILE, ENFILE, ENOMEM, ENOBUFS)
+pauses that accept loop for :data:`ACCEPT_RETRY_DELAY` and retries, as
+``trio.serve_listeners`` does; any other accept error stops that listener only,
+counted and reported through ``on_listener_failed`` so the node can release
+the IP instead of holding it half-alive. Sessions are capped in total and per
+client IP (``max_sessions``, ``max_sessions_per_ip``): beyond, ``421 4.7.0``.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import errno
 import logging
 import os
 import socket
+from collections.abc import Callable
 from ipaddress import IPv4Address
 
 import attrs
@@ -20,15 +28,32 @@ import trio
 
 from duravip.config import Config, Listener
 from duravip.smtp.driver import handle_connection
-from duravip.smtp.server import ServerSettings
+from duravip.smtp.server import ServerSettings, too_many_connections
 from duravip.smtp.types import MessageSink
 
-__all__ = ["BACKLOG", "ListenerManager", "is_duravip_listener", "serve"]
+__all__ = [
+    "ACCEPT_CAPACITY_ERRNOS",
+    "ACCEPT_RETRY_DELAY",
+    "BACKLOG",
+    "ListenerManager",
+    "is_duravip_listener",
+    "serve",
+]
 
 log = logging.getLogger("duravip.smtp.listeners")
 
 BACKLOG = 1024
 Addr = tuple[str, int]
+
+#: accept(2) errors that mean "the system is out of something right now" (the set
+#: trio.serve_listeners retries): pause and retry, never stop the listener.
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+#: The pause after such an error (trio's SLEEP_TIME): the loop neither spins nor stalls.
+ACCEPT_RETRY_DELAY = 0.1
+#: At most one log line per listener per this many seconds about capacity errors.
+ACCEPT_LOG_INTERVAL = 10.0
+#: How long a refused connection may take to receive its one-line 421.
+REFUSE_TIMEOUT = 1.0
 
 
 def is_duravip_listener(config: Config, listener: Listener) -> bool:
@@ -50,6 +75,9 @@ class _Running:
         #: Set once every session is gone.
         self.done = trio.Event()
         self.sessions: trio.Nursery | None = None
+        #: Rate limit of the capacity-error log: when it may log next, and what it skipped.
+        self.next_log_at = float("-inf")
+        self.errors_not_logged = 0
 
 
 class ListenerManager:
@@ -62,8 +90,13 @@ class ListenerManager:
         sink: MessageSink,
         settings: ServerSettings,
         nursery: trio.Nursery,
+        on_listener_failed: Callable[[IPv4Address], None] = lambda ip: None,
     ) -> None:
         self._config = config
+        #: Called with the IP of a DuraVIP listener whose accept failed for good (not
+        #: a capacity error): the node should release that IP rather than hold it
+        #: without its service. Plain listeners are only logged and counted.
+        self.on_listener_failed = on_listener_failed
         self._vip_index = _index_by_ip(config)
         self._sink = sink
         self._settings = settings
@@ -72,6 +105,8 @@ class ListenerManager:
         self._stopping: dict[Addr, _Running] = {}
         #: IPs handed to start_ip and not yet to stop_ip.
         self._ips: set[IPv4Address] = set()
+        #: Sessions per client IP (entries removed at zero: bounded by max_sessions).
+        self._per_ip: dict[str, int] = {}
         self.counters: dict[str, int] = {
             "sessions": 0,
             "sessions_active": 0,
@@ -80,6 +115,12 @@ class ListenerManager:
             "timeouts": 0,
             "sink_errors": 0,
             "session_errors": 0,
+            "sessions_refused_total": 0,
+            "sessions_refused_per_ip": 0,
+            "accept_capacity_errors": 0,
+            "listener_failures": 0,
+            "bare_newline_rejects": 0,
+            "bare_newline_normalized": 0,
         }
 
     # ------------------------------------------------------------------ API
@@ -194,24 +235,25 @@ class ListenerManager:
         log.info("listening on %s:%d", *addr)
 
     async def _run(self, running: _Running, *, task_status: trio.TaskStatus[None]) -> None:
-        """Accept loop plus the sessions' nursery of one listener."""
+        """Accept loop plus the sessions' nursery of one listener.
+
+        Nothing raised here may leave: this task lives in the manager's nursery,
+        whose failure would end every listener and the daemon.
+        """
         try:
             async with trio.open_nursery() as sessions:
                 running.sessions = sessions
+                failed = False
                 with running.accept_scope:
                     task_status.started()
-                    try:
-                        while True:
-                            stream = await running.listener.accept()
-                            sessions.start_soon(self._session, stream, running)
-                    except (OSError, trio.ClosedResourceError):
-                        # Not one of the transient errors trio retries itself.
-                        log.exception("accept failed on %s:%d; listener stops", *running.addr)
-                        self._running.pop(running.addr, None)
-                self._drain_backlog(running, sessions)
+                    failed = not await self._accept_loop(running, sessions)
+                if not failed:
+                    self._drain_backlog(running, sessions)
                 with trio.CancelScope(shield=True):
                     await running.listener.aclose()
                 running.socket_closed.set()
+                if failed:
+                    self._failed(running)
         finally:
             running.socket_closed.set()
             running.done.set()
@@ -220,15 +262,113 @@ class ListenerManager:
             if self._stopping.get(running.addr) is running:
                 del self._stopping[running.addr]
 
+    async def _accept_loop(self, running: _Running, sessions: trio.Nursery) -> bool:
+        """Accept until cancelled (returns True) or a non-capacity error (returns False)."""
+        while True:
+            try:
+                stream = await running.listener.accept()
+            except OSError as exc:
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    log.error("accept failed on %s:%d; listener stops: %r", *running.addr, exc)
+                    return False
+                # Out of fds or memory: nothing may be allocated here (no dup, no
+                # task); wait for sessions to end and free some, then retry.
+                self.counters["accept_capacity_errors"] += 1
+                self._log_capacity(running, exc)
+                await trio.sleep(ACCEPT_RETRY_DELAY)
+                continue
+            except trio.ClosedResourceError as exc:
+                log.error("accept failed on %s:%d; listener stops: %r", *running.addr, exc)
+                return False
+            await self._admit(stream, running, sessions)
+
+    def _log_capacity(self, running: _Running, exc: OSError) -> None:
+        now = trio.current_time()
+        if now < running.next_log_at:
+            running.errors_not_logged += 1
+            return
+        running.next_log_at = now + ACCEPT_LOG_INTERVAL
+        skipped, running.errors_not_logged = running.errors_not_logged, 0
+        log.error(
+            "accept on %s:%d returned %s (%s); retrying every %.0f ms "
+            "(%d more not logged in the last %.0f s)",
+            *running.addr,
+            errno.errorcode.get(exc.errno or 0, str(exc.errno)),
+            os.strerror(exc.errno or 0),
+            ACCEPT_RETRY_DELAY * 1000,
+            skipped,
+            ACCEPT_LOG_INTERVAL,
+        )
+
+    def _failed(self, running: _Running) -> None:
+        """The listener stopped for good: drain its sessions as a stop would, and report.
+
+        Reported at once (not after the sessions end): the node should release
+        the IP now; its ``stop_ip`` then waits for this drain.
+        """
+        self.counters["listener_failures"] += 1
+        if self._running.get(running.addr) is running:
+            del self._running[running.addr]
+        self._stopping[running.addr] = running
+        self._nursery.start_soon(self._drain, running, self._config.cluster.drain_timeout)
+        ip = IPv4Address(running.addr[0])
+        if ip not in self._ips:
+            return
+        try:
+            self.on_listener_failed(ip)
+        except Exception:
+            log.exception("on_listener_failed(%s) failed", ip)
+
+    async def _admit(
+        self, stream: trio.SocketStream, running: _Running, sessions: trio.Nursery
+    ) -> None:
+        """Start a session for ``stream``, or refuse it (``421``) over a session cap."""
+        try:
+            peer_ip = str(stream.socket.getpeername()[0])
+        except OSError:  # the client is gone already
+            await trio.aclose_forcefully(stream)
+            return
+        limits = self._settings.limits
+        if self.counters["sessions_active"] >= limits.max_sessions:
+            self.counters["sessions_refused_total"] += 1
+            await self._refuse(stream)
+            return
+        if self._per_ip.get(peer_ip, 0) >= limits.max_sessions_per_ip:
+            self.counters["sessions_refused_per_ip"] += 1
+            await self._refuse(stream)
+            return
+        # Counted before the task runs, so a burst of accepts sees its own sessions.
+        self.counters["sessions"] += 1
+        self.counters["sessions_active"] += 1
+        self._per_ip[peer_ip] = self._per_ip.get(peer_ip, 0) + 1
+        sessions.start_soon(self._session, stream, running, peer_ip)
+
+    async def _refuse(self, stream: trio.SocketStream) -> None:
+        """One 421 line, then close. Inline in the accept loop: a flood of refused
+        clients costs one fd at a time, never a task each; a fresh socket's send
+        buffer takes the line at once, the timeout only bounds a pathological peer."""
+        with trio.move_on_after(REFUSE_TIMEOUT):
+            try:
+                await stream.send_all(too_many_connections(self._settings.hostname))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                log.debug("refused connection went away: %r", exc)
+        await trio.aclose_forcefully(stream)
+
     def _drain_backlog(self, running: _Running, sessions: trio.Nursery) -> None:
         """Serve connections the kernel completed but we never accepted.
 
         Closing a listening socket resets every connection still in its accept
         queue; those clients connected while we were serving, so they get a
-        session (banner, then ``421`` once idle) instead of a reset.
+        session (banner, then ``421`` once idle) instead of a reset. Best effort:
+        any error (EMFILE included) ends the drain, never the manager, and no fd
+        is allocated to do it (the listening fd is borrowed, not dup'ed).
         """
-        # A dup of the listening fd shares its queue and its O_NONBLOCK flag.
-        with socket.socket(fileno=os.dup(running.listener.socket.fileno())) as raw:
+        try:
+            raw = socket.socket(fileno=running.listener.socket.fileno())
+        except OSError as exc:
+            log.debug("no backlog drain on %s:%d: %s", *running.addr, exc)
+            return
+        try:
             while True:
                 try:
                     conn, _ = raw.accept()
@@ -239,11 +379,11 @@ class ListenerManager:
                     return
                 conn.setblocking(False)
                 stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
-                sessions.start_soon(self._session, stream, running)
+                sessions.start_soon(self._admit, stream, running, sessions)
+        finally:
+            raw.detach()  # the fd belongs to the trio listener, which closes it
 
-    async def _session(self, stream: trio.SocketStream, running: _Running) -> None:
-        self.counters["sessions"] += 1
-        self.counters["sessions_active"] += 1
+    async def _session(self, stream: trio.SocketStream, running: _Running, peer_ip: str) -> None:
         try:
             peer = stream.socket.getpeername()
             local = stream.socket.getsockname()
@@ -264,6 +404,11 @@ class ListenerManager:
             log.exception("session on %s:%d crashed", *running.addr)
         finally:
             self.counters["sessions_active"] -= 1
+            left = self._per_ip.get(peer_ip, 1) - 1
+            if left > 0:
+                self._per_ip[peer_ip] = left
+            else:
+                self._per_ip.pop(peer_ip, None)
 
     async def _stop(self, addr: Addr, drain_timeout: float) -> None:
         running = self._running.pop(addr, None)
@@ -271,6 +416,11 @@ class ListenerManager:
             return
         self._stopping[addr] = running
         running.accept_scope.cancel()
+        await self._drain(running, drain_timeout)
+        log.info("stopped listening on %s:%d", *addr)
+
+    async def _drain(self, running: _Running, drain_timeout: float) -> None:
+        """Idle sessions get 421 now, busy ones ``drain_timeout`` to finish; then cut."""
         running.shutdown.set()
         with trio.move_on_after(drain_timeout):
             await running.done.wait()
@@ -278,7 +428,6 @@ class ListenerManager:
             assert running.sessions is not None
             running.sessions.cancel_scope.cancel()
             await running.done.wait()
-        log.info("stopped listening on %s:%d", *addr)
 
 
 def _index_by_ip(config: Config) -> dict[IPv4Address, list[Addr]]:
@@ -295,14 +444,22 @@ async def serve(
     config: Config,
     sink: MessageSink,
     settings: ServerSettings,
+    on_listener_failed: Callable[[IPv4Address], None] = lambda ip: None,
     task_status: trio.TaskStatus[ListenerManager] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the plain listeners, hand out the manager, close everything on cancel.
 
     A plain listener that cannot bind is logged and skipped (the rest run).
+    ``on_listener_failed``: see :attr:`ListenerManager.on_listener_failed`.
     """
     async with trio.open_nursery() as nursery:
-        manager = ListenerManager(config=config, sink=sink, settings=settings, nursery=nursery)
+        manager = ListenerManager(
+            config=config,
+            sink=sink,
+            settings=settings,
+            nursery=nursery,
+            on_listener_failed=on_listener_failed,
+        )
         await manager._start_plain()
         task_status.started(manager)
         await trio.sleep_forever()

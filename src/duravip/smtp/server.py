@@ -15,6 +15,9 @@ Design choices that matter for speed and safety:
 * The size limit applies to the body as transmitted (dot-stuffed); past it the
   body is discarded while streaming (only the last 4 bytes are kept to find the
   end) and ``552`` is sent after the final dot.
+* A body holding a bare LF or CR is refused with ``550 5.5.2`` (the session
+  goes on) or, with ``bare_newline = normalize``, rewritten to CRLF: the sink
+  only ever gets canonical CRLF, so no later hop can be smuggled a command.
 * Reply text never depends on how the input was chunked: the same bytes give
   the same replies whether they arrive at once or one at a time.
 """
@@ -27,6 +30,7 @@ from collections.abc import Callable, Iterable, Mapping
 from attrs import Factory, field, frozen
 
 from duravip.config import SmtpLimits
+from duravip.smtp.newlines import has_bare_newline, to_crlf
 from duravip.smtp.types import Envelope
 
 __all__ = [
@@ -36,6 +40,7 @@ __all__ = [
     "NeedData",
     "ServerSettings",
     "SmtpServer",
+    "too_many_connections",
 ]
 
 _END = b"\r\n.\r\n"
@@ -117,6 +122,13 @@ _UNIMPLEMENTED = frozenset(
 )
 
 
+def too_many_connections(hostname: str) -> bytes:
+    """The whole reply to a connection over a session cap (sent instead of the banner)."""
+    return f"421 4.7.0 {hostname} Error: too many connections, try again later\r\n".encode(
+        "utf-8", "replace"
+    )
+
+
 class ProtocolUsageError(RuntimeError):
     """The caller used the state machine out of order (a driver bug, not a client one)."""
 
@@ -167,6 +179,9 @@ class SmtpServer:
         self._discarding = False
         self._eof = False
         self.errors = 0
+        #: Bodies with a bare LF/CR refused, or rewritten to CRLF (``bare_newline``).
+        self.bare_newline_rejects = 0
+        self.bare_newline_normalized = 0
         self.helo: str | None = None
         self.esmtp = False
         self._reset_transaction()
@@ -510,6 +525,15 @@ class SmtpServer:
         with memoryview(buf) as view, view[: idx + 2] as part:
             body = part.tobytes()
         del buf[: idx + len(_END)]
+        if has_bare_newline(body):
+            if self._limits.bare_newline == "reject":
+                self.bare_newline_rejects += 1
+                self._state = _COMMAND
+                self._reset_transaction()
+                self._reply(550, "5.5.2", "Error: bare <LF> or <CR> in message, send <CR><LF>")
+                return None
+            self.bare_newline_normalized += 1
+            body = to_crlf(body)
         if body.startswith(b".."):
             body = body[1:]
         if _STUFFED in body:
