@@ -205,6 +205,15 @@ async def test_corruption_is_counted_by_the_mail_service(tmp_path: Path) -> None
             )
             assert svc.counters["spool_corrupt_regions"] == 1
             assert svc.counters["spool_torn_tails"] == 0
+            # Appends after the repair land behind the intact records.
+            later = await sp.store(_new(9))
+        finally:
+            sp.close()
+        sp = Spool.open(tpl)
+        try:
+            assert {m.id for m in sp.iter()} == {m.id for m in msgs} - {msgs[2].id} | {later}
+            assert sp.read_data(later) == b"m9\r\n"
+            assert sp.recovery.corrupt_regions == 0
         finally:
             sp.close()
 

@@ -340,6 +340,7 @@ class Spool:
         tmp = p.with_name(p.name.removesuffix(SEGMENT_SUFFIX) + TMP_SUFFIX)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
         try:
+            os.fchmod(fd, FILE_MODE)
             _write_all(fd, clean)
             os.fsync(fd)
         finally:
@@ -347,7 +348,8 @@ class Spool:
         os.replace(tmp, p)
         _fsync_dir(self.log_dir)
         again = scan(clean)
-        assert not again.damage and len(again.records) == len(res.records)
+        if again.damage or len(again.records) != len(res.records):
+            raise RuntimeError(f"spool: repair of segment {p.name} did not verify")
         return again
 
     def _copy_aside(self, seg: int, buf: bytes) -> Path:
@@ -360,6 +362,7 @@ class Spool:
             except FileExistsError:
                 continue
             try:
+                os.fchmod(fd, FILE_MODE)
                 _write_all(fd, buf)
                 os.fsync(fd)
             finally:
