@@ -12,10 +12,22 @@ from hypothesis import strategies as st
 from duravip.config.model import PRESETS
 from duravip.swim import codec
 from duravip.swim.core import StreamRequest, Swim
-from duravip.swim.crypto import Keyring
+from duravip.swim.crypto import Boot, Keyring
 from duravip.swim.members import State
 
 KEY = Keyring([b"0123456789abcdef0123456789abcdef"])
+#: the sealing identity of hand-made packets ("y", a node the tests' subjects never met)
+BOOT = Boot.fresh(1)
+
+
+def seal(plain: bytes, cluster: str = "c", channel: bytes = b"udp", ring: Keyring = KEY) -> bytes:
+    return ring.seal(plain, cluster, channel, BOOT)
+
+
+def packet(*msgs: codec.Message, sender: str = "y", dest: str = "x") -> bytes:
+    return codec.encode_packet([codec.encode_message(m) for m in msgs], sender, dest)
+
+
 T = attrs.evolve(PRESETS["lan"], push_pull_interval=1000.0)
 
 
@@ -149,7 +161,7 @@ def test_indirect_probe_with_nack_and_awareness() -> None:
     def lossy_pump(rounds: int = 50) -> None:
         for data, addr in a.outgoing():
             dst = net.nodes[addr]
-            plain = codec.decode_packet(KEY.open(data, "c", b"udp"))
+            plain = codec.decode_packet(KEY.open(data, "c", b"udp").plaintext).messages
             if dst.name == "n1" and any(isinstance(m, codec.Ping) for m in plain):
                 continue
             dst.receive_datagram(data, a.addr, net.now)
@@ -227,10 +239,10 @@ def test_lonely_node_retries_seeds_with_capped_backoff() -> None:
 def test_drops_are_counted_by_reason() -> None:
     net, nodes = cluster(2)
     a, b = nodes
-    pkt = codec.encode_packet([codec.encode_message(codec.Ping(1, "n1", "n0", a.addr))])
-    b.receive_datagram(Keyring.generate().seal(pkt, "c", b"udp"), a.addr, net.now)
-    b.receive_datagram(KEY.seal(pkt, "other", b"udp"), a.addr, net.now)
-    b.receive_datagram(KEY.seal(b"\x01\x01garbage", "c", b"udp"), a.addr, net.now)
+    pkt = packet(codec.Ping(1, "n1", "n0", a.addr), sender="n0", dest="n1")
+    b.receive_datagram(seal(pkt, ring=Keyring.generate()), a.addr, net.now)
+    b.receive_datagram(seal(pkt, "other"), a.addr, net.now)
+    b.receive_datagram(seal(b"\x02\x01garbage"), a.addr, net.now)
     b.receive_datagram(b"\x00" * 5, a.addr, net.now)
     assert b.counters["dropped_decrypt"] == 2
     assert b.counters["dropped_cluster"] == 1
@@ -271,15 +283,15 @@ def test_arbitrary_bytes_never_raise(data: bytes, stream: bytes) -> None:
     s = Swim(name="x", addr=("10.0.0.1", 1), cluster="c", timers=T, keyring=KEY, now=0.0)
     s.receive_datagram(data, ("10.0.0.2", 1), 1.0)
     # also as a well-encrypted payload, to reach the codec
-    s.receive_datagram(KEY.seal(data, "c", b"udp"), ("10.0.0.2", 1), 1.0)
+    s.receive_datagram(seal(data), ("10.0.0.2", 1), 1.0)
     assert s.handle_stream(stream, ("10.0.0.2", 1), 1.0) == b""
-    s.handle_stream(KEY.seal(stream, "c", b"tcp"), ("10.0.0.2", 1), 1.0)
+    s.handle_stream(seal(stream, channel=b"tcp"), ("10.0.0.2", 1), 1.0)
     s.stream_response(StreamRequest(1, "join", ("10.0.0.2", 1), b"", 1.0), stream, 1.0)
     s.tick(2.0)
 
 
 VALID = [
-    codec.encode_packet([codec.encode_message(m)])
+    packet(m)
     for m in (
         codec.Ping(1, "x", "y", ("10.0.0.2", 1)),
         codec.Alive(3, "y", ("10.0.0.2", 1), 1, 5, 10),
@@ -305,8 +317,8 @@ def test_mutated_valid_packets_never_raise(
         if pos < len(raw):
             raw[pos] = val
     pkt = bytes(raw[: max(1, cut)] if cut < len(raw) else raw)
-    s.receive_datagram(KEY.seal(pkt, "c", b"udp"), ("10.0.0.2", 1), 1.0)
-    sealed = bytearray(KEY.seal(VALID[idx], "c", b"udp"))
+    s.receive_datagram(seal(pkt), ("10.0.0.2", 1), 1.0)
+    sealed = bytearray(seal(VALID[idx]))
     for pos, val in flips:
         if pos < len(sealed):
             sealed[pos] = val
@@ -379,8 +391,7 @@ def test_any_sequence_of_valid_messages_keeps_invariants(
     seen: dict[str, int] = {}
     for msgs, dt in steps:
         now += dt
-        pkt = codec.encode_packet([codec.encode_message(m) for m in msgs])
-        s.receive_datagram(KEY.seal(pkt, "c", b"udp"), ("10.0.0.2", 1), now)
+        s.receive_datagram(seal(packet(*msgs)), ("10.0.0.2", 1), now)
         s.tick(now)
         s.outgoing()
         for r in s.stream_requests():

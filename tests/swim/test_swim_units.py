@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from duravip.swim import codec
 from duravip.swim.awareness import Awareness
 from duravip.swim.broadcast import BroadcastQueue, retransmit_limit
-from duravip.swim.crypto import CryptoError, Keyring
+from duravip.swim.crypto import Boot, CryptoError, Keyring
 from duravip.swim.members import MemberTable, NodeState, State
 from duravip.swim.suspicion import Suspicion, min_timeout
 
@@ -41,10 +41,18 @@ def test_keyring_rejects_bad_files(text: str) -> None:
 
 def test_seal_open_and_rotation() -> None:
     old, new = Keyring.generate(), Keyring.generate(16)
-    frame = old.seal(b"hello", "c1", b"udp")
-    assert old.open(frame, "c1", b"udp") == b"hello"
+    boot = Boot.fresh(1234)
+    frame = old.seal(b"hello", "c1", b"udp", boot)
+    opened = old.open(frame, "c1", b"udp")
+    assert (opened.plaintext, opened.epoch, opened.salt, opened.counter) == (
+        b"hello",
+        1234,
+        boot.salt,
+        1,
+    )
+    assert old.open(old.seal(b"again", "c1", b"udp", boot), "c1", b"udp").counter == 2
     # a ring that has the old key anywhere opens it; one without it does not
-    assert Keyring([*new.keys, *old.keys]).open(frame, "c1", b"udp") == b"hello"
+    assert Keyring([*new.keys, *old.keys]).open(frame, "c1", b"udp").plaintext == b"hello"
     with pytest.raises(CryptoError) as e:
         new.open(frame, "c1", b"udp")
     assert e.value.reason == "decrypt"
@@ -54,8 +62,23 @@ def test_seal_open_and_rotation() -> None:
     with pytest.raises(CryptoError):  # a UDP frame is no TCP frame
         old.open(frame, "c1", b"tcp")
     # the primary key seals
-    assert Keyring([*new.keys, *old.keys]).seal(b"x", "c1", b"udp") != b""
-    assert new.open(Keyring([*new.keys, *old.keys]).seal(b"x", "c1", b"udp"), "c1", b"udp") == b"x"
+    both = Keyring([*new.keys, *old.keys])
+    assert new.open(both.seal(b"x", "c1", b"udp", boot), "c1", b"udp").plaintext == b"x"
+    assert both.sealed == 1 and old.sealed == 2
+    # the authenticated header: boot and counter cannot be altered
+    tampered = bytearray(frame)
+    tampered[10] ^= 1  # a byte of the boot epoch
+    with pytest.raises(CryptoError):
+        old.open(bytes(tampered), "c1", b"udp")
+
+
+def test_nonces_never_repeat_across_boots_and_keys() -> None:
+    """Same counter, other boot: another sub-key, so the ciphertexts differ."""
+    ring = Keyring.generate()
+    a, b = Boot(7, b"\x00" * 8), Boot(7, b"\x00" * 7 + b"\x01")
+    fa, fb = ring.seal(b"same", "c", b"udp", a), ring.seal(b"same", "c", b"udp", b)
+    assert fa[-20:] != fb[-20:]
+    assert ring.open(fa, "c", b"udp").salt == a.salt
 
 
 @given(st.binary(max_size=200))
@@ -72,15 +95,15 @@ MSGS = [
     codec.PingReq(9, "n3", ("10.0.0.3", 4801), "n1", ("10.0.0.1", 4801), True),
     codec.Ack(2**32 - 1),
     codec.Nack(0),
-    codec.Alive(2**63, "nödé", ("10.0.0.1", 65535), 5, 2**64 - 1, 100_000),
+    codec.Alive(2**63 - 1, "nödé", ("10.0.0.1", 65535), 5, 2**64 - 1, 100_000),
     codec.Suspect(3, "n2", "n1"),
     codec.Dead(4, "n2", "n2"),
 ]
 
 
 def test_codec_roundtrip_compound() -> None:
-    pkt = codec.encode_packet([codec.encode_message(m) for m in MSGS])
-    assert codec.decode_packet(pkt) == MSGS
+    pkt = codec.encode_packet([codec.encode_message(m) for m in MSGS], "n1", "n2")
+    assert codec.decode_packet(pkt) == codec.Packet("n1", "n2", MSGS)
 
 
 def test_stream_roundtrip() -> None:
@@ -94,7 +117,7 @@ def test_stream_roundtrip() -> None:
 
 
 def test_codec_rejects_truncation_and_trailing() -> None:
-    pkt = codec.encode_packet([codec.encode_message(m) for m in MSGS])
+    pkt = codec.encode_packet([codec.encode_message(m) for m in MSGS], "n1", "n2")
     for cut in range(len(pkt)):
         with pytest.raises(codec.CodecError):
             codec.decode_packet(pkt[:cut])

@@ -26,7 +26,9 @@ from duravip.swim.members import Addr, MemberEvent, State
 NodeStatus = Literal["up", "paused", "crashed", "left"]
 #: Packets a paused node's socket buffer holds; later ones are dropped.
 PAUSED_QUEUE = 4096
-_DELIVER, _TICK, _STREAM_ARRIVE, _STREAM_DONE, _CALL = range(5)
+_DELIVER, _TICK, _STREAM_ARRIVE, _STREAM_DONE, _CALL, _REPLAY = range(6)
+#: Captured datagrams an attacker keeps (the most recent ones).
+ATTACKER_STOCK = 64
 
 
 @define(eq=False)
@@ -39,6 +41,30 @@ class SimNode:
     inbox: list[Callable[[], None]] = field(factory=list)
     last_tick: float = -1.0
     spins: int = 0
+
+
+@define(eq=False)
+class Attacker:
+    """A host on the LAN without the key: it records every sealed datagram it sees
+    (as it reaches its destination) and re-sends captured ones every ``interval``
+    seconds, once from its own address and once with the original sender's address
+    forged as the source.
+
+    It has its own RNG and its packets are never lost or delayed by the network's
+    RNG, so the same seed gives the same run with or without it, except for what
+    the replays themselves cause.
+    """
+
+    addr: Addr
+    interval: float
+    burst: int
+    rng: random.Random
+    #: (datagram, destination, original source)
+    captured: list[tuple[bytes, Addr, Addr]] = field(factory=list)
+    #: the first datagram seen towards each address (typically a ping), kept for good
+    first: dict[Addr, tuple[bytes, Addr]] = field(factory=dict)
+    sent: int = 0
+    stop_at: float = math.inf
 
 
 @define
@@ -103,6 +129,11 @@ class Simulation:
         self.inc_violations: list[tuple[str, str, int, int]] = []
         self._max_inc: dict[str, dict[str, int]] = {}
         self.on_event: Callable[[str, MemberEvent, float], None] | None = None
+        self.attackers: list[Attacker] = []
+        self._last_epoch = 0
+        #: (time, sender, address) of every datagram a node sent to an address that is
+        #: no member's (a reflection: what a replaying attacker must not obtain)
+        self.sent_to_unknown: list[tuple[float, str, Addr]] = []
 
     # ------------------------------------------------------------------ building
 
@@ -129,6 +160,7 @@ class Simulation:
             meta=meta,
             rng=random.Random(self.rng.getrandbits(64)),
             now=self.now,
+            epoch=self._next_epoch(),
         )
         node = SimNode(name, addr, swim)
         self.nodes[name] = node
@@ -137,6 +169,11 @@ class Simulation:
         self._max_inc[name] = {}
         self._flush(node)
         return node
+
+    def _next_epoch(self) -> int:
+        """Boot epochs grow like a wall clock (ns) would, strictly, even within one instant."""
+        self._last_epoch = max(self._last_epoch + 1, int(self.now * 1e9))
+        return self._last_epoch
 
     def add_cluster(self, n: int, *, prefix: str = "n", meta: bytes = b"") -> list[SimNode]:
         """``n`` nodes that already know each other (instant bootstrap, no warm-up storm)."""
@@ -150,6 +187,23 @@ class Simulation:
         for nd in nodes:
             self._flush(nd)  # only meta fetches (if ``meta``) remain
         return nodes
+
+    def add_attacker(
+        self,
+        addr: Addr = ("10.255.0.66", 4801),
+        *,
+        interval: float = 0.005,
+        burst: int = 4,
+        seed: int = 0,
+        start: float | None = None,
+    ) -> Attacker:
+        """A replaying attacker: every ``interval`` it re-sends, from ``addr``, the first
+        datagram it saw towards each node plus the ``burst`` most recent ones, each to
+        its own destination and to one other random node."""
+        att = Attacker(addr, interval, burst, random.Random(seed))
+        self.attackers.append(att)
+        self._push(self.now if start is None else start, _REPLAY, att)
+        return att
 
     # ------------------------------------------------------------------ faults
 
@@ -318,8 +372,37 @@ class Simulation:
         elif kind == _STREAM_DONE:
             src, req, resp = payload
             self._stream_done(src, req, resp)
+        elif kind == _REPLAY:
+            self._replay(payload)
+
+    def _replay(self, att: Attacker) -> None:
+        if self.now >= att.stop_at:
+            return
+        stock = att.captured
+        if stock:
+            targets = [nd for nd in self.nodes.values() if nd.status == "up"]
+            first = [(d, a, src) for a, (d, src) in att.first.items()]
+            for data, dst_addr, src in [*first, *stock[-att.burst :]]:
+                dests = [dst_addr]
+                if targets:
+                    dests.append(att.rng.choice(targets).addr)
+                for a in dests:
+                    dst = self.by_addr.get(a)
+                    if dst is None:
+                        continue
+                    for source in (att.addr, src):
+                        att.sent += 1
+                        # fixed delay, no loss: the network RNG is left untouched
+                        self._push(self.now + self.delay, _DELIVER, (dst, data, source))
+        self._push(self.now + att.interval, _REPLAY, att)
 
     def _deliver(self, dst: SimNode, data: bytes, src: Addr) -> None:
+        for att in self.attackers:
+            if src != att.addr and (data, dst.addr, src) not in att.captured:
+                att.first.setdefault(dst.addr, (data, src))
+                att.captured.append((data, dst.addr, src))
+                if len(att.captured) > ATTACKER_STOCK:
+                    del att.captured[0]
         if dst.status == "paused":
             if len(dst.inbox) < PAUSED_QUEUE:
                 dst.inbox.append(lambda: dst.swim.receive_datagram(data, src, self.now))
@@ -374,7 +457,10 @@ class Simulation:
             self.msgs_sent += 1
             self.bytes_sent += len(data)
             dst = self.by_addr.get(addr)
-            if dst is None or not self.connected(node.name, dst.name):
+            if dst is None:
+                self.sent_to_unknown.append((now, node.name, addr))
+                continue
+            if not self.connected(node.name, dst.name):
                 continue
             loss = self.link_loss.get((node.name, dst.name), self.loss)
             if loss and self.rng.random() < loss:

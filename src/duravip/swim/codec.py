@@ -1,9 +1,13 @@
 """Compact, versioned binary wire format for SWIM datagrams and TCP streams.
 
-A datagram is ``version, count`` followed by ``count`` parts of
-``type, length, body``: one packet can carry a ping plus many piggybacked
-updates. Decoding any byte string returns messages or raises
-:class:`CodecError`, never anything else.
+A datagram is ``version, sender, destination, count`` followed by ``count``
+parts of ``type, length, body``: one packet can carry a ping plus many
+piggybacked updates. The sender and destination names sit inside the sealed
+envelope, so a captured packet is only ever accepted by the node it was meant
+for, and only as coming from its real sender. Decoding any byte string returns
+messages or raises :class:`CodecError`, never anything else; incarnations and
+view versions above :data:`MAX_INCARNATION` are refused (``reason="range"``),
+so that ``+ 1`` on any accepted value still fits the wire.
 """
 
 from __future__ import annotations
@@ -13,13 +17,35 @@ from collections.abc import Sequence
 
 from attrs import frozen
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
+#: Largest incarnation / view version accepted from the wire (and ever produced): one
+#: below 2^63, so the core's ``+ 1`` (saturated at this value) always stays encodable.
+MAX_INCARNATION = (1 << 63) - 1
+MAX_META_VERSION = MAX_INCARNATION
 
 Addr = tuple[str, int]
 
 
 class CodecError(Exception):
-    """Input that is not a well-formed message of this wire version."""
+    """Input that is not a well-formed message of this wire version.
+
+    ``reason`` is ``parse`` (malformed) or ``range`` (a number out of the accepted range).
+    """
+
+    def __init__(self, msg: str, reason: str = "parse") -> None:
+        super().__init__(msg)
+        self.reason = reason
+
+
+def _check_inc(*values: int) -> None:
+    for v in values:
+        if v > MAX_INCARNATION:
+            raise CodecError("incarnation or view version out of range", "range")
+
+
+def saturating_inc(v: int) -> int:
+    """``v + 1``, but never beyond :data:`MAX_INCARNATION` (what the core uses on wire values)."""
+    return min(v + 1, MAX_INCARNATION)
 
 
 # --- datagram messages -------------------------------------------------------
@@ -81,6 +107,16 @@ class Dead:
 
 Message = Ping | PingReq | Ack | Nack | Alive | Suspect | Dead
 
+
+@frozen
+class Packet:
+    """One datagram: who sealed it, for whom, and its messages."""
+
+    sender: str
+    dest: str
+    messages: list[Message]
+
+
 # --- stream messages --------------------------------------------------------
 
 
@@ -134,6 +170,7 @@ _I = struct.Struct("!I")
 _Q = struct.Struct("!Q")
 _PART = struct.Struct("!BH")
 _HDR = struct.Struct("!BB")
+_VER = _B
 _ALIVE = struct.Struct("!QQQI")
 _PPREC = struct.Struct("!QBQQI")
 _MAX_U8 = 255
@@ -238,11 +275,20 @@ def encode_message(m: Message) -> bytes:
     return _PART.pack(t, len(w.b)) + bytes(w.b)
 
 
-def encode_packet(parts: Sequence[bytes]) -> bytes:
-    """A datagram of already encoded parts (see :func:`encode_message`)."""
-    if len(parts) > _MAX_U8:
+def packet_header(sender: str, dest: str, count: int) -> bytes:
+    if count > _MAX_U8:
         raise ValueError("too many parts in one packet")
-    return _HDR.pack(WIRE_VERSION, len(parts)) + b"".join(parts)
+    w = _W()
+    w.b += _VER.pack(WIRE_VERSION)
+    w.str(sender)
+    w.str(dest)
+    w.b += _B.pack(count)
+    return bytes(w.b)
+
+
+def encode_packet(parts: Sequence[bytes], sender: str, dest: str) -> bytes:
+    """A datagram of already encoded parts (see :func:`encode_message`)."""
+    return packet_header(sender, dest, len(parts)) + b"".join(parts)
 
 
 def _decode_part(t: int, r: _R) -> Message:
@@ -265,22 +311,27 @@ def _decode_part(t: int, r: _R) -> Message:
         return Nack(r.u32())
     if t == T_ALIVE:
         inc, mver, mdig, mlen = r.unpack(_ALIVE)
+        _check_inc(inc, mver)
         return Alive(inc, r.str(), r.addr(), mver, mdig, mlen)
     if t in (T_SUSPECT, T_DEAD):
         inc = r.u64()
+        _check_inc(inc)
         name = r.str()
         sender = r.str()
         return Suspect(inc, name, sender) if t == T_SUSPECT else Dead(inc, name, sender)
     raise CodecError(f"unknown message type {t}")
 
 
-def decode_packet(data: bytes) -> list[Message]:
+def decode_packet(data: bytes) -> Packet:
     """Every message of a datagram, or :class:`CodecError`."""
     try:
         r = _R(data)
-        version, count = r.unpack(_HDR)
+        version = r.u8()
         if version != WIRE_VERSION:
             raise CodecError(f"wire version {version}")
+        sender = r.str()
+        dest = r.str()
+        count = r.u8()
         if count == 0:
             raise CodecError("empty packet")
         out: list[Message] = []
@@ -290,7 +341,7 @@ def decode_packet(data: bytes) -> list[Message]:
             out.append(_decode_part(t, part))
             part.end()
         r.end()
-        return out
+        return Packet(sender, dest, out)
     except (struct.error, UnicodeDecodeError, ValueError, IndexError) as exc:
         raise CodecError(str(exc)) from None
 
@@ -335,12 +386,14 @@ def decode_stream(data: bytes) -> StreamMessage:
             recs = []
             for _ in range(n):
                 inc, state, mver, mdig, mlen = r.unpack(_PPREC)
+                _check_inc(inc, mver)
                 if state not in STATE_NAMES:
                     raise CodecError("bad state")
                 recs.append(NodeRecord(r.str(), r.addr(), inc, state, mver, mdig, mlen))
             msg = PushPull(flag == 1, tuple(recs))
         elif t == T_METAREQ:
             ver = r.u64()
+            _check_inc(ver)
             dig = r.u64()
             msg = MetaRequest(r.str(), ver, dig)
         elif t == T_METARESP:
@@ -348,6 +401,7 @@ def decode_stream(data: bytes) -> StreamMessage:
             if flag > 1:
                 raise CodecError("bad flag")
             ver = r.u64()
+            _check_inc(ver)
             dig = r.u64()
             name = r.str()
             meta = r.take(r.u32())

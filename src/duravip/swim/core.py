@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+import struct
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
@@ -37,13 +38,18 @@ from duravip.swim.codec import (
     PingReq,
     PushPull,
     Suspect,
+    saturating_inc,
 )
-from duravip.swim.crypto import OVERHEAD, CryptoError, Keyring
+from duravip.swim.crypto import OVERHEAD, Boot, CryptoError, Keyring
 from duravip.swim.members import Addr, EventKind, Member, MemberEvent, MemberTable, NodeState, State
+from duravip.swim.replay import ReplayGuard
 from duravip.swim.suspicion import Suspicion, min_timeout
 
 UDP = b"udp"
 TCP = b"tcp"
+#: channel of the small sealed frame that announces a TCP frame's length
+TCP_HEADER = b"tcp-len"
+_STREAM_LEN = struct.Struct("!I")
 #: Join retries back off from this to ``JOIN_BACKOFF_MAX`` seconds.
 JOIN_BACKOFF_MIN = 0.25
 JOIN_BACKOFF_MAX = 4.0
@@ -90,7 +96,8 @@ class _Probe:
 class _Relay:
     """This node helps another one probe ``target`` (ping-req)."""
 
-    requester: Addr
+    requester: str
+    requester_addr: Addr
     seq: int
     nack: bool
     nack_at: float
@@ -122,7 +129,11 @@ class Swim:
         meta: bytes = b"",
         rng: random.Random | None = None,
         now: float = 0.0,
+        epoch: int | None = None,
     ) -> None:
+        """``epoch`` orders this process's boots (the driver passes the wall clock in
+        ns; it must grow across restarts): peers take a higher one as a restart and
+        reject older ones as replays. Default: ``now`` in ns (fine within one clock)."""
         self.name = name
         self.addr = addr
         self.cluster = cluster
@@ -131,6 +142,10 @@ class Swim:
         self.seeds = tuple(s for s in seeds if s != addr)
         self.rng = rng if rng is not None else random.Random()
         self.counters: Counter[str] = Counter()
+        if epoch is None:
+            epoch = max(0, int(now * 1e9))
+        self._boot = Boot(epoch & ((1 << 64) - 1), self.rng.randbytes(8))
+        self._replay = ReplayGuard()
         self.table = MemberTable(name, self.rng)
         self.broadcasts = BroadcastQueue()
         self.awareness = Awareness(timers.awareness_max_multiplier)
@@ -174,21 +189,44 @@ class Swim:
 
     # ------------------------------------------------------------------ API
 
+    @property
+    def epoch(self) -> int:
+        """This boot's epoch (sealed into every frame)."""
+        return self._boot.epoch
+
     def receive_datagram(self, data: bytes, addr: Addr, now: float) -> None:
+        """One datagram from ``addr``; anything that is not a fresh, authentic packet for
+        us is dropped and counted (``dropped_<reason>``), never raised."""
         self.counters["msgs_recv"] += 1
         self.counters["bytes_recv"] += len(data)
         try:
-            plain = self.keyring.open(data, self.cluster, UDP)
+            opened = self.keyring.open(data, self.cluster, UDP)
         except CryptoError as exc:
             self.counters[f"dropped_{exc.reason}"] += 1
             return
         try:
-            msgs = codec.decode_packet(plain)
-        except CodecError:
-            self.counters["dropped_parse"] += 1
+            pkt = codec.decode_packet(opened.plaintext)
+        except CodecError as exc:
+            self.counters[f"dropped_{exc.reason}"] += 1
             return
-        for m in msgs:
-            self._handle(m, addr, now)
+        if pkt.dest != self.name or pkt.sender == self.name:
+            self.counters["dropped_misdirected"] += 1
+            return
+        known = self.table.get(pkt.sender)
+        if known is not None and known.addr != addr:
+            # not from the sender's own address: a copy an attacker re-sent. Checked before
+            # the replay window, so such a copy cannot make us reject the genuine one
+            self.counters["dropped_unknown_addr"] += 1
+            return
+        if not self._replay.accept(pkt.sender, opened.epoch, opened.salt, opened.counter):
+            self.counters["dropped_replay"] += 1
+            return
+        try:
+            for m in pkt.messages:
+                self._handle(m, pkt.sender, addr, now)
+        except (ValueError, OverflowError, struct.error):
+            # last line of defence: a bug must cost one packet, never the daemon
+            self.counters["dropped_internal"] += 1
 
     def tick(self, now: float) -> None:
         """Run every timer that is due at ``now``."""
@@ -261,14 +299,14 @@ class Swim:
         """Publish new metadata: a new version and incarnation, gossiped as a digest."""
         local = self.local
         local.meta = meta
-        local.meta_version += 1
+        local.meta_version = saturating_inc(local.meta_version)
         local.have_version = local.meta_version
         local.meta_digest = local.have_digest = meta_digest(meta)
         local.meta_len = len(meta)
         self._touch(local, "meta-changed")
         if self._leaving:
             return  # an alive now would cancel the leave
-        local.incarnation += 1
+        local.incarnation = saturating_inc(local.incarnation)
         self._broadcast_alive(local)
         # Push the new digest now instead of at the next gossip tick: a handover
         # (release here, plumb there) waits on exactly this message.
@@ -291,7 +329,7 @@ class Swim:
         for name in peers[:LEAVE_DIRECT_FANOUT]:
             node = self.table.get(name)
             if node is not None:
-                self._send(node.addr, [msg])
+                self._send(name, node.addr, [msg])
         self._touch(local, "left")
 
     def left_done(self) -> bool:
@@ -334,16 +372,51 @@ class Swim:
 
     # ------------------------------------------------------------------ streams
 
+    def seal_stream(self, plaintext: bytes) -> bytes:
+        """``plaintext`` sealed as a TCP frame of this node."""
+        return self.keyring.seal(plaintext, self.cluster, TCP, self._boot)
+
+    def seal_packet(self, parts: Sequence[bytes], dest: str) -> bytes:
+        """Encoded message parts sealed as a datagram from this node to ``dest``."""
+        plain = codec.encode_packet(parts, self.name, dest)
+        return self.keyring.seal(plain, self.cluster, UDP, self._boot)
+
+    def seal_raw_datagram(self, plaintext: bytes) -> bytes:
+        """Any bytes sealed on the datagram channel (tests: authentic garbage)."""
+        return self.keyring.seal(plaintext, self.cluster, UDP, self._boot)
+
+    def stream_header(self, length: int) -> bytes:
+        """The small sealed frame sent before a TCP frame of ``length`` bytes: the
+        receiver checks the key on it before it agrees to read a large frame."""
+        return self.keyring.seal(_STREAM_LEN.pack(length), self.cluster, TCP_HEADER, self._boot)
+
+    def open_stream_header(self, frame: bytes) -> int | None:
+        """The length a peer announced, or None (counted) if the header is not authentic."""
+        try:
+            plain = self.keyring.open(frame, self.cluster, TCP_HEADER).plaintext
+        except CryptoError as exc:
+            self.counters[f"dropped_stream_{exc.reason}"] += 1
+            return None
+        if len(plain) != _STREAM_LEN.size:
+            self.counters["dropped_stream_parse"] += 1
+            return None
+        length: int = _STREAM_LEN.unpack(plain)[0]
+        return length
+
+    def _open_stream(self, frame: bytes) -> codec.StreamMessage | None:
+        try:
+            return codec.decode_stream(self.keyring.open(frame, self.cluster, TCP).plaintext)
+        except CryptoError as exc:
+            self.counters[f"dropped_stream_{exc.reason}"] += 1
+        except CodecError as exc:
+            self.counters[f"dropped_stream_{exc.reason}"] += 1
+        return None
+
     def handle_stream(self, request: bytes, peer: Addr, now: float) -> bytes:
         """Server side of one TCP exchange; bad input returns b"" and is counted."""
         self.counters["streams_in"] += 1
-        try:
-            msg = codec.decode_stream(self.keyring.open(request, self.cluster, TCP))
-        except CryptoError as exc:
-            self.counters[f"dropped_stream_{exc.reason}"] += 1
-            return b""
-        except CodecError:
-            self.counters["dropped_stream_parse"] += 1
+        msg = self._open_stream(request)
+        if msg is None:
             return b""
         if isinstance(msg, PushPull):
             self._merge(msg.records, now)
@@ -360,7 +433,7 @@ class Swim:
         else:
             self.counters["dropped_stream_parse"] += 1
             return b""
-        return self.keyring.seal(codec.encode_stream(reply), self.cluster, TCP)
+        return self.seal_stream(codec.encode_stream(reply))
 
     def stream_response(self, req: StreamRequest, response: bytes | None, now: float) -> None:
         """Client side completion of a :class:`StreamRequest` (``None``: it failed)."""
@@ -370,12 +443,7 @@ class Swim:
         kind, name = pending
         msg: codec.StreamMessage | None = None
         if response:
-            try:
-                msg = codec.decode_stream(self.keyring.open(response, self.cluster, TCP))
-            except CryptoError as exc:
-                self.counters[f"dropped_stream_{exc.reason}"] += 1
-            except CodecError:
-                self.counters["dropped_stream_parse"] += 1
+            msg = self._open_stream(response)
         if kind in ("join", "push_pull"):
             if kind == "join":
                 self._joins_inflight = max(0, self._joins_inflight - 1)
@@ -397,19 +465,26 @@ class Swim:
         return retransmit_limit(self.timers.retransmit_mult, self.table.active_count())
 
     def _send(
-        self, addr: Addr, msgs: Sequence[Message], piggyback: bool = True, count: bool = True
+        self,
+        dest: str,
+        addr: Addr,
+        msgs: Sequence[Message],
+        piggyback: bool = True,
+        count: bool = True,
     ) -> None:
-        """Send ``msgs`` plus piggybacked updates (``count=False``: without spending transmits)."""
+        """Send ``msgs`` to member ``dest`` at ``addr``, plus piggybacked updates
+        (``count=False``: without spending transmits)."""
         parts = [codec.encode_message(m) for m in msgs]
         if piggyback:
-            budget = self.timers.mtu - OVERHEAD - 2 - sum(len(p) for p in parts)
+            header = 4 + len(self.name.encode()) + len(dest.encode())
+            budget = self.timers.mtu - OVERHEAD - header - sum(len(p) for p in parts)
             if count:
                 parts += self.broadcasts.get(budget, self._limit(), 250 - len(parts))
             else:
                 parts += self.broadcasts.peek(budget, 250 - len(parts))
         if not parts:
             return
-        data = self.keyring.seal(codec.encode_packet(parts), self.cluster, UDP)
+        data = self.seal_packet(parts, dest)
         self.counters["msgs_sent"] += 1
         self.counters["bytes_sent"] += len(data)
         self._out.append((data, addr))
@@ -418,7 +493,7 @@ class Swim:
         self, kind: StreamKind, addr: Addr, msg: codec.StreamMessage, key: str = ""
     ) -> int:
         self._stream_id += 1
-        data = self.keyring.seal(codec.encode_stream(msg), self.cluster, TCP)
+        data = self.seal_stream(codec.encode_stream(msg))
         timeout = max(1.0, 10 * self.timers.probe_timeout)
         self._streams.append(StreamRequest(self._stream_id, kind, addr, data, timeout))
         self._pending[self._stream_id] = (kind, key)
@@ -493,7 +568,7 @@ class Swim:
                 continue
             # gossip to the (recently) dead lets a wrongly declared node learn it and refute,
             # but must not use up the transmit budget the live members need
-            self._send(node.addr, [], count=node.state in (State.ALIVE, State.SUSPECT))
+            self._send(name, node.addr, [], count=node.state in (State.ALIVE, State.SUSPECT))
 
     # ------------------------------------------------------------------ internals: probing
 
@@ -548,7 +623,7 @@ class Swim:
             msgs.append(Suspect(target.incarnation, target.name, self.name))
         self.counters["pings_sent"] += 1
         # a suspect is likely dead: do not spend piggybacked transmits on it
-        self._send(target.addr, msgs, count=target.state == State.ALIVE)
+        self._send(target.name, target.addr, msgs, count=target.state == State.ALIVE)
 
     def _send_indirect(self, p: _Probe, now: float) -> None:
         p.indirect_sent = True
@@ -563,7 +638,9 @@ class Swim:
                 continue
             self.counters["ping_reqs_sent"] += 1
             self._send(
-                helper.addr, [PingReq(p.seq, p.target, target.addr, self.name, self.addr, True)]
+                name,
+                helper.addr,
+                [PingReq(p.seq, p.target, target.addr, self.name, self.addr, True)],
             )
             p.expected_nacks += 1
 
@@ -587,7 +664,7 @@ class Swim:
             if r.nack and now >= r.nack_at:
                 r.nack = False
                 self.counters["nacks_sent"] += 1
-                self._send(r.requester, [Nack(r.seq)])
+                self._send(r.requester, r.requester_addr, [Nack(r.seq)])
             if now >= r.expire:
                 del self._relays[seq]
 
@@ -609,13 +686,36 @@ class Swim:
 
     # ------------------------------------------------------------------ internals: messages
 
-    def _handle(self, m: Message, addr: Addr, now: float) -> None:
+    def _known_addr(self, sender: str, addr: Addr) -> NodeState | None:
+        """The member ``sender`` if the packet came from its known address, else None
+        (counted): what we send is only ever sent to members' own addresses."""
+        node = self.table.get(sender)
+        if node is None or node is self.local or node.addr != addr:
+            self.counters["dropped_unknown_addr"] += 1
+            return None
+        return node
+
+    def _handle(self, m: Message, sender: str, addr: Addr, now: float) -> None:
         if isinstance(m, Ping):
-            if m.target != self.name:
+            if m.target != self.name or m.source != sender:
                 self.counters["dropped_misdirected"] += 1
                 return
+            node = self.table.get(sender)
+            if node is None and m.source_addr == addr:
+                # first contact (it learned of us before we of it): a bare ack, no gossip
+                self.counters["acks_sent"] += 1
+                self._send(sender, addr, [Ack(m.seq), *self._own_state()], piggyback=False)
+                return
+            node = self._known_addr(sender, addr)
+            if node is None:
+                return
             self.counters["acks_sent"] += 1
-            self._send(addr, [Ack(m.seq), *self._own_state()])
+            self._send(
+                sender,
+                node.addr,
+                [Ack(m.seq), *self._own_state()],
+                count=node.state in (State.ALIVE, State.SUSPECT),
+            )
         elif isinstance(m, Ack):
             self._on_ack(m.seq, now)
         elif isinstance(m, Nack):
@@ -626,7 +726,7 @@ class Swim:
             else:
                 self.counters["dropped_stale"] += 1
         elif isinstance(m, PingReq):
-            self._on_ping_req(m, addr, now)
+            self._on_ping_req(m, sender, addr, now)
         elif isinstance(m, Alive):
             self._on_alive(m, now)
         elif isinstance(m, Suspect):
@@ -645,24 +745,33 @@ class Swim:
             return
         relay = self._relays.pop(seq, None)
         if relay is not None:
-            self._send(relay.requester, [Ack(relay.seq)])
+            self._send(relay.requester, relay.requester_addr, [Ack(relay.seq)])
             return
         self.counters["dropped_stale"] += 1
 
-    def _on_ping_req(self, m: PingReq, addr: Addr, now: float) -> None:
+    def _on_ping_req(self, m: PingReq, sender: str, addr: Addr, now: float) -> None:
         if len(self._relays) > 1024:  # bounded: a flood cannot grow memory
             self.counters["dropped_busy"] += 1
+            return
+        requester = self._known_addr(sender, addr)
+        if requester is None:
+            return
+        target = self.table.get(m.target)
+        if target is None or target is self.local or target.addr != m.target_addr:
+            # we only ever ping members at the address we know them by: no reflection
+            self.counters["dropped_unknown_addr"] += 1
             return
         seq = self._next_seq()
         t = self.timers
         self._relays[seq] = _Relay(
-            requester=addr,
+            requester=sender,
+            requester_addr=requester.addr,
             seq=m.seq,
             nack=m.nack,
             nack_at=now + t.probe_timeout * 0.8,
             expire=now + t.probe_interval * 2,
         )
-        self._send(m.target_addr, [Ping(seq, m.target, self.name, self.addr)])
+        self._send(target.name, target.addr, [Ping(seq, m.target, self.name, self.addr)])
 
     def _on_alive(self, a: Alive, now: float, rebroadcast: bool = True) -> None:
         if a.name == self.name:
@@ -676,7 +785,7 @@ class Swim:
             )
             if a.incarnation == local.incarnation and same:
                 return
-            self._refute(a.incarnation, None, now, min_meta_version=a.meta_version + 1)
+            self._refute(a.incarnation, None, now, min_meta_version=saturating_inc(a.meta_version))
             return
         node = self.table.get(a.name)
         if node is None:
@@ -769,7 +878,7 @@ class Swim:
             self._urgent.append(s.name)
         if s.sender == self.name:
             # tell the suspect at once: it refutes in one round trip
-            self._send(node.addr, [s])
+            self._send(node.name, node.addr, [s])
 
     def _on_dead(self, d: Dead, now: float) -> None:
         left = d.sender == d.name
@@ -798,7 +907,7 @@ class Swim:
     ) -> None:
         """Somebody claims we are suspect/dead (or stale): out-bid them with a higher incarnation."""
         local = self.local
-        local.incarnation = max(local.incarnation, incarnation) + 1
+        local.incarnation = saturating_inc(max(local.incarnation, incarnation))
         # keep our view version monotonic across restarts
         local.meta_version = local.have_version = max(local.meta_version, min_meta_version)
         self.counters["refutes"] += 1
@@ -813,7 +922,7 @@ class Swim:
         node = self.table.get(name)
         if node is not None and node is not self.local:
             self.counters["direct_refutes"] += 1
-            self._send(node.addr, [self._alive_msg(self.local)], piggyback=False)
+            self._send(name, node.addr, [self._alive_msg(self.local)], piggyback=False)
 
     def _own_state(self) -> list[Message]:
         """Our own alive, carried by every ping and ack at no transmit cost: a node that

@@ -4,29 +4,84 @@ The first key seals, every key is tried on open, so a key can be rotated in
 three steps (add everywhere, make primary, drop the old) without a restart.
 The cluster name is bound in as associated data, and a short clear-text cluster
 tag lets a receiver tell "another cluster" from "wrong key" when counting drops.
+
+Nonces are deterministic, not random: each process (each *boot*) seals with its
+own sub-key ``HMAC-SHA256(key, label | boot id)`` and uses its frame counter as
+the nonce. A (sub-key, nonce) pair therefore never repeats as long as boot ids
+differ (64-bit boot epoch + 64 random bits), and no key has the 2^32-message
+bound of random 96-bit nonces. The boot id and the counter travel in the clear
+header, authenticated as associated data; they are also what the receiver's
+replay window (:mod:`duravip.swim.replay`) works on.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import os
 import struct
+from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 
 import xxhash
+from attrs import define, frozen
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 #: Wire version of the sealed envelope.
-ENVELOPE_VERSION = 1
-NONCE_LEN = 12
+ENVELOPE_VERSION = 2
 TAG_LEN = 16
-_HEADER = struct.Struct("!BI")  # version, cluster tag
+_HEADER = struct.Struct("!BIQ8sQ")  # version, cluster tag, boot epoch, boot salt, counter
+HEADER_LEN = _HEADER.size
 #: Bytes a sealed frame adds to its plaintext.
-OVERHEAD = _HEADER.size + NONCE_LEN + TAG_LEN
+OVERHEAD = HEADER_LEN + TAG_LEN
 VALID_KEY_LENGTHS = (16, 24, 32)
+_SUBKEY_LABEL = b"duravip swim boot key v2\x00"
+#: Sub-keys of remote boots kept (per keyring); only boots that sealed a valid frame enter.
+SUBKEY_CACHE = 4096
+_U64 = (1 << 64) - 1
+
+
+@define
+class Boot:
+    """This process's sealing identity: a per-boot epoch and salt, and a frame counter.
+
+    ``epoch`` must grow from one boot of a node to the next (the driver uses the
+    wall clock in ns): receivers accept a higher epoch as a restart and reject
+    frames of lower ones as replays. ``salt`` (random) keeps two boots with the
+    same epoch apart. ``counter`` numbers every frame sealed, on every channel and
+    with every key, so it is both the nonce and the replay sequence number.
+    """
+
+    epoch: int
+    salt: bytes
+    counter: int = 0
+
+    @property
+    def id(self) -> bytes:
+        return self.epoch.to_bytes(8, "big") + self.salt
+
+    def next(self) -> int:
+        if self.counter >= _U64:
+            raise OverflowError("frame counter exhausted")  # 2^64 frames: never in practice
+        self.counter += 1
+        return self.counter
+
+    @classmethod
+    def fresh(cls, epoch: int) -> Boot:
+        return cls(epoch & _U64, os.urandom(8))
+
+
+@frozen
+class Opened:
+    """A frame that authenticated: who sealed it (boot) and its counter."""
+
+    epoch: int
+    salt: bytes
+    counter: int
+    plaintext: bytes
 
 
 class CryptoError(Exception):
@@ -45,7 +100,7 @@ def cluster_tag(cluster: str) -> int:
 class Keyring:
     """An ordered set of AES keys; ``keys[0]`` is the primary (sealing) key."""
 
-    __slots__ = ("_aeads", "keys")
+    __slots__ = ("_cache", "keys", "sealed")
 
     def __init__(self, keys: Iterable[bytes]) -> None:
         ks = tuple(bytes(k) for k in keys)
@@ -55,7 +110,9 @@ class Keyring:
             if len(k) not in VALID_KEY_LENGTHS:
                 raise ValueError(f"AES key of {len(k)} bytes; need 16, 24 or 32")
         self.keys: tuple[bytes, ...] = ks
-        self._aeads = tuple(AESGCM(k) for k in ks)
+        self._cache: OrderedDict[bytes, tuple[AESGCM, ...]] = OrderedDict()
+        #: frames sealed with this keyring's primary key (its usage, for rotation policies)
+        self.sealed = 0
 
     def __repr__(self) -> str:  # never print key material
         return f"Keyring(<{len(self.keys)} keys>)"
@@ -98,31 +155,58 @@ class Keyring:
         """The file form: one base64 key a line, primary first."""
         return "".join(base64.b64encode(k).decode() + "\n" for k in self.keys)
 
-    def seal(
-        self, plaintext: bytes, cluster: str, channel: bytes, nonce: bytes | None = None
-    ) -> bytes:
-        """Encrypt with the primary key; ``channel`` separates UDP from TCP frames."""
-        header = _HEADER.pack(ENVELOPE_VERSION, cluster_tag(cluster))
-        n = os.urandom(NONCE_LEN) if nonce is None else nonce
-        aad = header + cluster.encode() + b"\x00" + channel
-        return header + n + self._aeads[0].encrypt(n, plaintext, aad)
+    def _subkeys(self, boot_id: bytes) -> tuple[AESGCM, ...] | None:
+        return self._cache.get(boot_id)
 
-    def open(self, frame: bytes, cluster: str, channel: bytes) -> bytes:
+    def _derive(self, boot_id: bytes) -> tuple[AESGCM, ...]:
+        return tuple(
+            AESGCM(hmac.digest(k, _SUBKEY_LABEL + boot_id, "sha256")[: len(k)]) for k in self.keys
+        )
+
+    def _remember(self, boot_id: bytes, aeads: tuple[AESGCM, ...]) -> None:
+        self._cache[boot_id] = aeads
+        self._cache.move_to_end(boot_id)
+        while len(self._cache) > SUBKEY_CACHE:
+            self._cache.popitem(last=False)
+
+    def seal(self, plaintext: bytes, cluster: str, channel: bytes, boot: Boot) -> bytes:
+        """Encrypt with the primary key's sub-key of ``boot``; ``channel`` separates UDP from TCP."""
+        bid = boot.id
+        aeads = self._subkeys(bid)
+        if aeads is None:
+            aeads = self._derive(bid)
+            self._remember(bid, aeads)
+        n = boot.next()
+        self.sealed += 1
+        header = _HEADER.pack(ENVELOPE_VERSION, cluster_tag(cluster), boot.epoch, boot.salt, n)
+        aad = header + cluster.encode() + b"\x00" + channel
+        return header + aeads[0].encrypt(_nonce(n), plaintext, aad)
+
+    def open(self, frame: bytes, cluster: str, channel: bytes) -> Opened:
         """Decrypt with any key or raise :class:`CryptoError` (never anything else)."""
         if len(frame) < OVERHEAD:
             raise CryptoError("decrypt")
-        version, tag = _HEADER.unpack_from(frame)
+        version, tag, epoch, salt, n = _HEADER.unpack_from(frame)
         if version != ENVELOPE_VERSION:
             raise CryptoError("decrypt")
         if tag != cluster_tag(cluster):
             raise CryptoError("cluster")
-        header = frame[: _HEADER.size]
-        nonce = frame[_HEADER.size : _HEADER.size + NONCE_LEN]
-        body = frame[_HEADER.size + NONCE_LEN :]
+        header = frame[:HEADER_LEN]
+        bid = header[5:21]
         aad = header + cluster.encode() + b"\x00" + channel
-        for aead in self._aeads:
+        cached = self._subkeys(bid)
+        aeads = cached if cached is not None else self._derive(bid)
+        for aead in aeads:
             try:
-                return aead.decrypt(nonce, body, aad)
+                plain = aead.decrypt(_nonce(n), frame[HEADER_LEN:], aad)
             except InvalidTag:
                 continue
+            if cached is None:
+                self._remember(bid, aeads)  # only boots that proved the key take cache space
+            return Opened(epoch, salt, n, plain)
         raise CryptoError("decrypt")
+
+
+def _nonce(counter: int) -> bytes:
+    """The 96-bit GCM nonce of frame ``counter`` (unique per boot sub-key)."""
+    return b"\x00\x00\x00\x00" + counter.to_bytes(8, "big")

@@ -1,8 +1,14 @@
 """Thin Trio driver of the SWIM core: one UDP socket, one TCP listener.
 
 It feeds the core with ``trio.current_time()``, sends what it emits, performs
-its TCP exchanges (4-byte length-prefixed frames) and publishes a
-:class:`Membership` snapshot whenever the membership changed.
+its TCP exchanges and publishes a :class:`Membership` snapshot whenever the
+membership changed.
+
+A TCP message is two 4-byte length-prefixed frames: a small sealed header that
+announces the length of the second, then the sealed message itself. A server
+reads at most :data:`FIRST_FRAME_MAX` bytes from a peer that has not proven the
+key, each frame under its own deadline, and serves at most
+:data:`MAX_INBOUND_STREAMS` connections at once (more are closed at once).
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import socket
+import time
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
@@ -24,10 +31,17 @@ from duravip.swim.members import Addr, Member
 
 log = logging.getLogger(__name__)
 
-#: Largest TCP frame accepted (a push-pull of 10,000 members or a large view fits).
+#: Largest TCP frame accepted after an authentic header (a push-pull of 10,000 members
+#: or a large view fits).
 MAX_FRAME = 32 * 1024 * 1024
-#: Deadline for serving one inbound TCP exchange.
+#: Largest first frame (the sealed length header) read before the peer proved the key.
+FIRST_FRAME_MAX = 256
+#: Deadline for the header frame of an inbound exchange.
+HEADER_TIMEOUT = 2.0
+#: Deadline for serving one inbound TCP exchange (the large frame included).
 SERVER_TIMEOUT = 10.0
+#: Inbound TCP exchanges served at once; further connections are closed at once.
+MAX_INBOUND_STREAMS = 32
 MAX_DATAGRAM = 65536
 
 
@@ -53,15 +67,40 @@ async def _read_exactly(stream: trio.abc.ReceiveStream, n: int) -> bytes:
     return bytes(buf)
 
 
-async def read_frame(stream: trio.abc.ReceiveStream) -> bytes:
+async def read_frame(stream: trio.abc.ReceiveStream, limit: int = MAX_FRAME) -> bytes:
     n = int.from_bytes(await _read_exactly(stream, 4), "big")
-    if n > MAX_FRAME:
+    if n > limit:
         raise FrameError(f"frame of {n} bytes")
     return await _read_exactly(stream, n)
 
 
 def frame(data: bytes) -> bytes:
     return len(data).to_bytes(4, "big") + data
+
+
+def sealed_message(swim: Swim, data: bytes) -> bytes:
+    """``data`` (a sealed stream frame) preceded by its sealed length header."""
+    return frame(swim.stream_header(len(data))) + frame(data)
+
+
+async def read_sealed_message(
+    swim: Swim, stream: trio.abc.ReceiveStream, header_timeout: float
+) -> bytes:
+    """Read a header frame (small, authenticated before anything else), then the frame
+    it announces; :class:`FrameError` on anything else."""
+    with trio.move_on_after(header_timeout) as cs:
+        header = await read_frame(stream, FIRST_FRAME_MAX)
+    if cs.cancelled_caught:
+        raise FrameError("header frame too slow")
+    n = swim.open_stream_header(header)
+    if n is None:
+        raise FrameError("header frame not authentic")
+    if n > MAX_FRAME:
+        raise FrameError(f"announced frame of {n} bytes")
+    data = await read_frame(stream, n)
+    if len(data) != n:
+        raise FrameError("frame shorter than announced")
+    return data
 
 
 class MembershipService:
@@ -73,6 +112,7 @@ class MembershipService:
         self._udp = trio.socket.from_stdlib_socket(udp)
         self._nursery = nursery
         self._wake = trio.Event()
+        self._inbound = 0
         self.snapshot: trio_util.AsyncValue[Membership] = trio_util.AsyncValue(
             self._make_snapshot()
         )
@@ -139,28 +179,36 @@ class MembershipService:
             try:
                 stream = await trio.open_tcp_stream(req.addr[0], req.addr[1])
                 async with stream:
-                    await stream.send_all(frame(req.data))
-                    resp = await read_frame(stream)
+                    await stream.send_all(sealed_message(self._swim, req.data))
+                    resp = await read_sealed_message(self._swim, stream, req.timeout)
             except (OSError, trio.BrokenResourceError, FrameError) as exc:
                 log.debug("%s exchange with %s failed: %s", req.kind, req.addr, exc)
         self._swim.stream_response(req, resp, trio.current_time())
         self._kick()
 
     async def _serve_conn(self, stream: trio.SocketStream) -> None:
-        async with stream:
-            try:
-                peer = stream.socket.getpeername()
-                with trio.fail_after(SERVER_TIMEOUT):
-                    request = await read_frame(stream)
-                    resp = self._swim.handle_stream(
-                        request, (peer[0], peer[1]), trio.current_time()
-                    )
-                    self._kick()
-                    if resp:
-                        await stream.send_all(frame(resp))
-            except (OSError, trio.BrokenResourceError, trio.TooSlowError, FrameError) as exc:
-                self._swim.counters["stream_errors"] += 1
-                log.debug("inbound exchange failed: %s", exc)
+        if self._inbound >= MAX_INBOUND_STREAMS:
+            self._swim.counters["dropped_stream_busy"] += 1
+            await trio.aclose_forcefully(stream)
+            return
+        self._inbound += 1
+        try:
+            async with stream:
+                try:
+                    peer = stream.socket.getpeername()
+                    with trio.fail_after(SERVER_TIMEOUT):
+                        request = await read_sealed_message(self._swim, stream, HEADER_TIMEOUT)
+                        resp = self._swim.handle_stream(
+                            request, (peer[0], peer[1]), trio.current_time()
+                        )
+                        self._kick()
+                        if resp:
+                            await stream.send_all(sealed_message(self._swim, resp))
+                except (OSError, trio.BrokenResourceError, trio.TooSlowError, FrameError) as exc:
+                    self._swim.counters["stream_errors"] += 1
+                    log.debug("inbound exchange failed: %s", exc)
+        finally:
+            self._inbound -= 1
 
     async def _recv_loop(self) -> None:
         while True:
@@ -215,9 +263,14 @@ async def serve(
     keyring: Keyring,
     seeds: Sequence[Addr] = (),
     meta: bytes = b"",
+    epoch: int | None = None,
     task_status: trio.TaskStatus[MembershipService] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the membership service until cancelled; ``started(service)`` once bound."""
+    """Run the membership service until cancelled; ``started(service)`` once bound.
+
+    ``epoch`` (default: the wall clock in ns) must grow from one run of the node to
+    the next: peers reject frames of an older boot as replays.
+    """
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     tcp = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     with udp, tcp:
@@ -241,6 +294,7 @@ async def serve(
             seeds=seeds,
             meta=meta,
             now=trio.current_time(),
+            epoch=time.time_ns() if epoch is None else epoch,
         )
         async with trio.open_nursery() as nursery:
             service = MembershipService(swim, udp, nursery)
