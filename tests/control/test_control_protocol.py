@@ -223,3 +223,8 @@ async def test_handlers_run_concurrently_with_registry() -> None:
             await trio.sleep(0)
             n.start_soon(run, "fast")
     assert results == ["fast", "slow"]
+
+
+def test_response_nesting_too_deep_is_a_protocol_error_for_the_console() -> None:
+    with pytest.raises(ProtocolError):
+        Response.from_line(b'{"ok":true,"data":' + b"[" * 100_000 + b"}")

@@ -17,11 +17,13 @@ from typing import Any
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from duravip.control.protocol import MAX_REQUEST_LINE, CommandRegistry, Reply
 from duravip.control.server import ControlSocketError, serve
 
-from .conftest import sample_registry
+from .conftest import ServerThread, sample_registry
 
 
 @asynccontextmanager
@@ -215,9 +217,9 @@ async def test_a_bug_in_request_handling_costs_one_connection_not_the_server(
     import duravip.control.server as server_mod
     from duravip.control.protocol import Request
 
-    class Exploding(Request):
-        @classmethod
-        def from_line(cls, line: bytes) -> Request:
+    class Exploding:
+        @staticmethod
+        def from_line(line: bytes) -> Request:
             raise KeyError("a decoder bug")
 
     path = sockdir / "c.sock"
@@ -237,3 +239,36 @@ async def test_a_bug_in_request_handling_costs_one_connection_not_the_server(
             await c2.stream.aclose()
             n.cancel_scope.cancel()
     assert counters["internal_error"] == 1 and counters["connections"] == 2
+
+
+_GARBAGE_TOKENS = [b"[", b"{", b"]", b"}", b'"', b"\\", b":", b",", b"9", b"\xff", b'{"cmd":']
+
+
+_GARBAGE = st.binary(max_size=512) | st.lists(
+    st.tuples(st.sampled_from(_GARBAGE_TOKENS), st.integers(1, 5000)), max_size=4
+).map(lambda parts: b"".join(tok * n for tok, n in parts))
+
+
+def test_server_answers_the_next_request_after_any_garbage(sockdir: Path) -> None:
+    """Whatever one line holds, the real server answers it and then the next one."""
+    path = sockdir / "h.sock"
+    with ServerThread(path, sample_registry()):
+
+        @given(garbage=_GARBAGE)
+        @settings(max_examples=150, deadline=None)
+        def check(garbage: bytes) -> None:
+            line = garbage.replace(b"\n", b" ")[:MAX_REQUEST_LINE]
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(10)
+                s.connect(os.fspath(path))
+                s.sendall(line + b"\n" + b'{"cmd":"cluster info","json":true}\n')
+                s.shutdown(socket.SHUT_WR)
+                got = b""
+                while chunk := s.recv(65536):
+                    got += chunk
+            answers = [json.loads(x) for x in got.splitlines()]
+            assert 1 <= len(answers) <= 2
+            assert answers[-1] == {"ok": True, "text": "", "error": "",
+                                   "data": {"cluster": "mta-east", "node": "n1"}}
+
+        check()
