@@ -140,7 +140,7 @@ def spool(tmp_path: Path) -> Iterator[Spool]:
 
 
 async def _listener(
-    nursery: trio.Nursery, receiver: Receiver
+    nursery: trio.Nursery, receiver: Receiver, limits: SmtpLimits | None = None
 ) -> tuple[HostPort, Callable[[], Awaitable[None]]]:
     listeners = await nursery.start(
         partial(
@@ -150,7 +150,7 @@ async def _listener(
             node_name="rx",
             cluster=CLUSTER,
             keys=lambda: [KEY],
-            limits=SmtpLimits(),
+            limits=limits or SmtpLimits(),
         )
     )
     port = listeners[0].socket.getsockname()[1]
@@ -233,6 +233,37 @@ async def test_silent_client_times_out_and_the_listener_serves(
             nursery.cancel_scope.cancel()
 
 
+async def test_unauthenticated_connections_are_capped(spool: Spool) -> None:
+    counters: dict[str, int] = {}
+    receiver = Receiver(spool, counters)
+    limits = SmtpLimits(max_sessions=3, max_sessions_per_ip=2)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            addr, still_serves = await _listener(nursery, receiver, limits)
+
+            async def hold(source: str) -> tuple[trio.SocketStream, bytes]:
+                s = await trio.open_tcp_stream(str(addr.host), addr.port, local_address=source)
+                return s, await _read_line(s)
+
+            held = [await hold("127.0.0.7"), await hold("127.0.0.7")]
+            assert all(line.startswith(auth.BANNER) for _, line in held)
+            # Per-IP cap, then the total cap.
+            over, line = await hold("127.0.0.7")
+            assert line == mmove.BUSY
+            await over.aclose()
+            held.append(await hold("127.0.0.8"))
+            over, line = await hold("127.0.0.9")
+            assert line == mmove.BUSY
+            await over.aclose()
+            assert counters["mmove_refused_busy"] == 2
+            for s, _ in held:
+                await s.aclose()
+            while counters.get("mmove_auth_failed", 0) < 3:
+                await trio.sleep(0.01)
+            await still_serves()  # room again once they are gone
+            nursery.cancel_scope.cancel()
+
+
 # ------------------------------------------------- a fake peer, client side
 
 
@@ -300,6 +331,7 @@ def _raw(data: bytes) -> Callable[[trio.SocketStream], Awaitable[None]]:
         _garbage_proof(b"z" * (auth.MAX_LINE + 10)),
         _raw(b"DVMMOVE1 " + b"\xff" * 64 + b"\r\n"),
         _raw(b"220 not an mmove listener\r\n"),
+        _raw(mmove.BUSY),
         _raw(b"\xff" * (auth.MAX_LINE + 10)),
     ],
 )

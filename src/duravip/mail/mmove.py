@@ -37,6 +37,8 @@ SERVICE = "ECmmove2"
 EHLO_KEYWORD = "XMMOVE"
 MAIL_PARAMS = frozenset({"XBINDING", "XREQUEST", "XMMOVEID", "XQID", "XORIGIN"})
 PREAMBLE_TIMEOUT = 5.0
+#: Sent instead of the challenge to a connection over the caps (the sender retries later).
+BUSY = b"-ERR busy\r\n"
 
 
 def _bump(counters: MutableMapping[str, int], key: str, n: int = 1) -> None:
@@ -71,6 +73,8 @@ async def server_preamble(stream: trio.abc.Stream, keys: Sequence[bytes], cluste
 async def client_preamble(stream: trio.abc.Stream, key: bytes, cluster: str) -> bytes:
     """Run the client side; returns bytes the server sent past its proof (the SMTP banner)."""
     line, rest = await _read_line(stream, b"")
+    if line == BUSY.rstrip():
+        raise MoveFailed("receiver busy (connection cap), retry later")
     reply, nonce_s, nonce_c = auth.client_response(line, key, cluster)
     await stream.send_all(reply)
     proof, rest = await _read_line(stream, rest)
@@ -184,7 +188,27 @@ async def serve_listener(
     )
     listeners = await trio.open_tcp_listeners(address.port, host=str(address.host))
 
+    # Connections are capped before the preamble (in total and per peer IP): an
+    # unauthenticated flood holds at most this many fds, each for PREAMBLE_TIMEOUT.
+    per_ip: dict[str, int] = {}
+
     async def handle(stream: trio.SocketStream) -> None:
+        try:
+            ip = str(stream.socket.getpeername()[0])
+        except OSError:
+            return  # gone already; serve_listeners closes the stream
+        if sum(per_ip.values()) >= limits.max_sessions or (
+            per_ip.get(ip, 0) >= limits.max_sessions_per_ip
+        ):
+            _bump(receiver.counters, "mmove_refused_busy")
+            with trio.move_on_after(1.0):
+                try:
+                    await stream.send_all(BUSY)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    log.debug("%s: busy refusal to %s not sent: %r", SERVICE, ip, exc)
+            await trio.aclose_forcefully(stream)
+            return
+        per_ip[ip] = per_ip.get(ip, 0) + 1
         # trio.serve_listeners lets a handler's exception end the listener, and the
         # daemon with it: nothing a peer sends may get that far.
         try:
@@ -193,6 +217,11 @@ async def serve_listener(
             _bump(receiver.counters, "mmove_session_errors")
             log.exception("%s: connection handler failed", SERVICE)
             await trio.aclose_forcefully(stream)
+        finally:
+            if per_ip[ip] > 1:
+                per_ip[ip] -= 1
+            else:
+                del per_ip[ip]
 
     async def authenticated(stream: trio.SocketStream) -> None:
         try:
