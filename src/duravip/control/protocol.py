@@ -229,7 +229,7 @@ class LineBuffer:
             end = nl - 1 if nl > start and self._buf[nl - 1] == 0x0D else nl
             if end - start > self.limit:
                 raise LineTooLong(f"line longer than {self.limit} bytes")
-            lines.append(bytes(self._buf[start:end]))
+            lines.append(bytes(self._buf[start:end]).rstrip(b"\r"))
             start = nl + 1
         del self._buf[:start]
         self._scanned = len(self._buf)
