@@ -385,3 +385,31 @@ async def test_fake_peer_that_never_answers_times_out(
                     timeout=30.0,
                 )
             nursery.cancel_scope.cancel()
+
+
+async def test_receiver_normalizes_a_bare_newline_body_from_an_authenticated_peer(
+    spool: Spool,
+) -> None:
+    """An older sender may move a stored bare-LF body: refusing it would strand a
+    message the cluster already acknowledged, so mmove rewrites it to CRLF."""
+    counters: dict[str, int] = {}
+    receiver = Receiver(spool, counters)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            addr, _ = await _listener(nursery, receiver)  # default limits: bare_newline=reject
+            stream = await trio.open_tcp_stream(str(addr.host), addr.port)
+            buf = await client_preamble(stream, KEY, CLUSTER)
+            await stream.send_all(
+                b"EHLO tx\r\nMAIL FROM:<a@x> XMMOVEID=m1 XQID=q1\r\nRCPT TO:<b@y>\r\nDATA\r\n"
+                b"x\n.\r\nMAIL FROM:<evil@x>\r\n.\r\nQUIT\r\n"
+            )
+            while b"221 " not in buf:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    break
+                buf += chunk
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
+    assert b"250 2.0.0 Ok: queued as" in buf, buf
+    (msg,) = list(spool.iter())
+    assert spool.read_data(msg.id) == b"x\r\n.\r\nMAIL FROM:<evil@x>\r\n"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, MutableMapping, Sequence
 
+import attrs
 import trio
 
 from duravip.config.model import HostPort, SmtpLimits
@@ -182,7 +183,10 @@ async def serve_listener(
     """The ``ECCluster_Listener``: authenticate, then SMTP into ``receiver``."""
     settings = ServerSettings(
         hostname=node_name,
-        limits=limits,
+        # The peer is authenticated and the message already acknowledged by the
+        # cluster: a bare newline (an older sender's stored body) is rewritten to
+        # CRLF, never refused, which would strand the message at the sender.
+        limits=attrs.evolve(limits, bare_newline="normalize"),
         extra_mail_params=MAIL_PARAMS,
         extra_ehlo=(EHLO_KEYWORD,),
     )
