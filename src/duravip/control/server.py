@@ -296,7 +296,8 @@ async def serve(
 
     try:
         listener = trio.SocketListener(sock)
-        log.info("control socket listening on %s (mode %04o)", path, mode)
+        log.info("control socket listening on %s (mode %04o%s)", path, mode,
+                 f", group {group}" if group is not None else "")
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, handler, [listener])
             task_status.started(path)
