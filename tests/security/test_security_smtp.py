@@ -15,6 +15,8 @@ import errno
 import logging
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from functools import partial
 from ipaddress import IPv4Address
@@ -521,3 +523,78 @@ async def test_mmove_sends_canonical_crlf(spools: tuple[Spool, Spool]) -> None:
     assert moved == 1 and len(sender) == 0
     (msg,) = list(target.iter())
     assert target.read_data(msg.id) == b"x\r\n.\r\nMAIL FROM:<evil@x>\r\n"
+
+
+# ------------------------------------- real fd exhaustion, in a subprocess
+
+_EXHAUSTED_SERVER = r"""
+import resource, sys
+from functools import partial
+from ipaddress import IPv4Address
+import trio
+from duravip.config import ClusterConfig, Config, HostPort, Listener
+from duravip.smtp.listeners import serve
+from duravip.smtp.server import ServerSettings
+
+class Sink:
+    async def accept(self, envelope):
+        return "E1"
+
+async def main():
+    config = Config(
+        cluster=ClusterConfig(name="t", node_name="ex", gossip_address=HostPort(IPv4Address("127.0.0.1"), 1)),
+        listeners=(Listener(HostPort(IPv4Address("127.0.0.1"), int(sys.argv[1]))),),
+    )
+    async with trio.open_nursery() as nursery:
+        manager = await nursery.start(partial(serve, config=config, sink=Sink(), settings=ServerSettings(hostname="ex")))
+        # Few fds from here on: sessions soon meet EMFILE in accept(2).
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        print("ready", flush=True)
+        while True:
+            await trio.sleep(0.05)
+            print("counters", manager.counters["accept_capacity_errors"], manager.counters["sessions_active"], flush=True)
+
+trio.run(main)
+"""
+
+
+async def test_real_fd_exhaustion_in_a_subprocess_pauses_accept_and_recovers() -> None:
+    """RLIMIT_NOFILE lowered in a child running the real manager: accept(2) meets
+    EMFILE; once clients leave, the backlog is served and the daemon lives."""
+    port = free_port()
+    with trio.fail_after(30):
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-c", _EXHAUSTED_SERVER, str(port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert proc.stdout is not None
+        lines = bytearray()
+
+        async def last_counters() -> tuple[int, int]:
+            while True:
+                chunk = await proc.stdout.receive_some(65536)  # type: ignore[union-attr]
+                assert chunk, "the server died"
+                lines.extend(chunk)
+                text = lines.decode().strip().splitlines()
+                if text and text[-1].startswith("counters") and lines.endswith(b"\n"):
+                    _, errors, active = text[-1].split()
+                    return int(errors), int(active)
+
+        try:
+            while b"ready" not in lines:
+                lines.extend(await proc.stdout.receive_some(4096))
+            clients = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(80)]
+            while (await last_counters())[0] == 0:
+                pass  # accept is now failing with EMFILE, and being retried
+            assert proc.returncode is None
+            for c in clients:
+                await c.aclose()
+            while (await last_counters())[1] != 0:
+                pass
+            # It serves again: a whole transaction.
+            assert (await one_message(IP1, port)).startswith(b"250 ")
+            assert proc.poll() is None
+        finally:
+            proc.kill()
+            await proc.wait()
