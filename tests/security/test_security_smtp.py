@@ -598,3 +598,31 @@ async def test_real_fd_exhaustion_in_a_subprocess_pauses_accept_and_recovers() -
         finally:
             proc.kill()
             await proc.wait()
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_session_caps_and_bare_newline_are_config_keys() -> None:
+    from duravip.config import check_text, loads
+
+    base = 'cluster { name = "c" gossip_address = "10.0.0.1:4801" node_name = "n" }\n'
+    c = loads(
+        base + "Smtp_Limits { max_sessions = 20 max_sessions_per_ip = 5 bare_newline = normalize }"
+    )
+    assert (c.smtp.max_sessions, c.smtp.max_sessions_per_ip, c.smtp.bare_newline) == (
+        20,
+        5,
+        "normalize",
+    )
+    d = SmtpLimits()
+    assert (d.max_sessions, d.max_sessions_per_ip, d.bare_newline) == (1000, 50, "reject")
+    for text, want in (
+        ("max_sessions = 0", "max_sessions must be at least 1"),
+        ("max_sessions_per_ip = 0", "max_sessions_per_ip must be at least 1"),
+        ("bare_newline = strip", "invalid value 'strip' for 'bare_newline'"),
+    ):
+        bad = check_text(base + "Smtp_Limits { " + text + " }")
+        assert any(x.severity == "error" and want in x.message for x in bad.diagnostics), text
+    warn = check_text(base + "Smtp_Limits { max_sessions = 10 max_sessions_per_ip = 20 }")
+    assert any("max_sessions_per_ip (20) is above" in x.message for x in warn.diagnostics)
