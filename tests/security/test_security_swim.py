@@ -30,7 +30,14 @@ Y_ADDR = ("10.0.0.2", 1)
 
 def node(name: str, addr: tuple[str, int], seed: int = 0) -> Swim:
     return Swim(
-        name=name, addr=addr, cluster="c", timers=T, keyring=KEY, rng=random.Random(seed), now=0.0
+        name=name,
+        addr=addr,
+        cluster="c",
+        timers=T,
+        keyring=KEY,
+        rng=random.Random(seed),
+        now=0.0,
+        epoch=10**15,  # a boot epoch (the driver uses the wall clock in ns)
     )
 
 
@@ -109,7 +116,8 @@ def test_push_pull_with_out_of_range_records_is_dropped() -> None:
     assert x.local.incarnation == 0
 
 
-U64S = st.integers(0, U64)
+#: small values, values near the top of the wire range, anything
+U64S = st.one_of(st.integers(0, 8), st.integers(U64 - 4, U64), st.integers(0, U64))
 U32S = st.integers(0, (1 << 32) - 1)
 NAME = st.sampled_from(["x", "y", "z", "w"])
 ADDR = st.sampled_from([X_ADDR, Y_ADDR, ("10.0.0.3", 1), ("6.6.6.6", 6)])
@@ -396,3 +404,24 @@ async def test_slow_header_frame_is_cut_and_excess_connections_closed(
                 for s in streams:
                     await trio.aclose_forcefully(s)
             nursery.cancel_scope.cancel()
+
+
+def test_restart_with_a_clock_stepped_back_is_accepted_once_declared_dead() -> None:
+    x, y = pair()
+    x.receive_datagram(sealed_from(y, "x", [codec.Ping(1, "x", "y", Y_ADDR)]), Y_ADDR, 1.0)
+    x.outgoing()
+    y2 = Swim(
+        name="y",
+        addr=Y_ADDR,
+        cluster="c",
+        timers=T,
+        keyring=KEY,
+        rng=random.Random(9),
+        now=2.0,
+        epoch=y.epoch - 10**9,
+    )
+    x.receive_datagram(sealed_from(y2, "x", [codec.Ping(1, "x", "y", Y_ADDR)]), Y_ADDR, 2.0)
+    assert x.outgoing() == [] and x.counters["dropped_replay"] == 1
+    x._on_dead(codec.Dead(0, "y", "x"), 2.1)  # its old boot is declared dead
+    x.receive_datagram(sealed_from(y2, "x", [codec.Ping(2, "x", "y", Y_ADDR)]), Y_ADDR, 2.2)
+    assert [a for _, a in x.outgoing()] == [Y_ADDR]

@@ -45,15 +45,19 @@ async def scenario(
     meta_size: int = 1024,
     warmup: float = 2.0,
     restart_after: float = 0.0,
+    replay_every: float = 0.0,
 ) -> dict[str, Any]:
     """Bootstrap ``nodes``, kill ``kill`` of them and change some views; measure.
 
     With ``restart_after`` every victim comes back (fresh process, same name) that
-    long after its kill, so a small cluster can be killed many times.
+    long after its kill, so a small cluster can be killed many times. With
+    ``replay_every`` a keyless attacker re-sends captured datagrams that often.
     """
     timers = PRESETS[profile]
     sim = Simulation(timers=timers, seed=seed, loss=loss)
     sim.add_cluster(nodes)
+    if replay_every > 0:
+        sim.add_attacker(interval=replay_every, seed=seed)
     await sim.run_for(warmup)
     sim.msgs_sent = sim.bytes_sent = 0
     sim.up_node_seconds = 0.0
@@ -108,6 +112,9 @@ async def scenario(
         "false_dead": len(sim.false_dead),
         "false_dead_events": len(sim.false_dead_events),
         "inc_violations": len(sim.inc_violations),
+        "replays_sent": sum(a.sent for a in sim.attackers),
+        "dropped_replay": sum(nd.swim.counters["dropped_replay"] for nd in sim.nodes.values()),
+        "sent_to_unknown": len(sim.sent_to_unknown),
         # per running node: crashed nodes send nothing and carry no load
         "msgs_per_node_per_s": round(sim.msgs_sent / sim.up_node_seconds, 2),
         "bytes_per_node_per_s": round(sim.bytes_sent / sim.up_node_seconds, 1),
@@ -133,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="restart each victim this long after its kill",
     )
+    p.add_argument(
+        "--replay-attack",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="a keyless attacker re-sends captured datagrams this often (0: none)",
+    )
     p.add_argument("--meta-changes", type=int, default=5)
     p.add_argument("--meta-size", type=int, default=1024)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -153,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             meta_changes=args.meta_changes,
             meta_size=args.meta_size,
             restart_after=args.restart_after,
+            replay_every=args.replay_attack,
         ),
         clock=trio.testing.MockClock(autojump_threshold=0),
     )

@@ -897,6 +897,7 @@ class Swim:
         node.state = State.LEFT if left else State.DEAD
         node.state_since = now
         self._suspicions.pop(d.name, None)
+        self._replay.forget(d.name)  # its next boot is accepted whatever its clock says
         self.table.changed()
         self._touch(node, "left" if left else "dead")
         self.broadcasts.queue(d.name, codec.encode_message(d))

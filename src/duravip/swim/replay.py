@@ -12,7 +12,11 @@ bitmap of the counters seen below the highest one. A frame is accepted once:
   below the highest, is a replay.
 
 The window is only updated for frames that authenticated and decoded, so an
-attacker without the key cannot move it.
+attacker without the key cannot move it. The core forgets a sender's window
+when it declares that member dead or left: a restarted process whose clock
+stepped back is then accepted after one failure detection, at the price of
+letting the old boot's superseded packets in once each (they are stale by
+incarnation, and answered only to the member's own address).
 """
 
 from __future__ import annotations
@@ -68,6 +72,10 @@ class ReplayGuard:
             w.bits |= 1 << off
         self._w.move_to_end(sender)
         return True
+
+    def forget(self, sender: str) -> None:
+        """Drop ``sender``'s window (it was declared dead: whatever boot comes next is new)."""
+        self._w.pop(sender, None)
 
     def epoch_of(self, sender: str) -> int | None:
         w = self._w.get(sender)
