@@ -10,6 +10,7 @@ from duravip.election.picture import (
     ClusterSnapshot,
     ViewTracker,
     binding_holders,
+    handed_off,
     holders_by_ip,
     mmove_peers,
     reannounce_targets,
@@ -203,3 +204,16 @@ def test_reannounce_targets_owned_and_uncontested_only() -> None:
     decisions[A] = decision("n2")
     assert reannounce_targets(snap, decisions, held) == [C]
     assert reannounce_targets(snap, {}, held) == []
+
+
+def test_handed_off_once_live_peers_hold_what_we_released() -> None:
+    released = frozenset({A, B})
+    waiting = snapshot({"n1": State.ALIVE, "n2": State.ALIVE}, {"n1": frozenset(), "n2": frozenset({A})})
+    assert not handed_off(waiting, released)
+    done = snapshot({"n1": State.ALIVE, "n2": State.ALIVE}, {"n1": frozenset(), "n2": frozenset({A, B})})
+    assert handed_off(done, released)
+    # A dead peer's claim does not count; with no live peer announcing them, nobody to wait for.
+    dead = snapshot({"n1": State.ALIVE, "n2": State.DEAD}, {"n1": frozenset(), "n2": frozenset({A, B})})
+    assert handed_off(dead, released)
+    alone = ClusterSnapshot(local="n1", states={"n1": State.ALIVE}, views={"n1": view("n1")})
+    assert handed_off(alone, released) and handed_off(waiting, frozenset())

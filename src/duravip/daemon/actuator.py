@@ -8,27 +8,49 @@ sessions), then unplumb: a client never meets a plumbed IP with nobody behind it
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from ipaddress import IPv4Address
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
-
-if TYPE_CHECKING:
-    from duravip.daemon.node import Node
+from attrs import frozen
 
 log = logging.getLogger("duravip.actuator")
 
 
+class Plumbing(Protocol):
+    async def ensure(self, ips: Iterable[IPv4Address]) -> frozenset[IPv4Address]: ...
+
+    async def remove(self, ips: Iterable[IPv4Address]) -> None: ...
+
+
+class Listeners(Protocol):
+    async def start_ip(self, ip: IPv4Address) -> None: ...
+
+    async def stop_ip(self, ip: IPv4Address, drain_timeout: float) -> None: ...
+
+
+@frozen
+class ActuatorContext:
+    """What the actuator touches, and nothing else."""
+
+    plumbing: Plumbing
+    listeners: Listeners
+    #: Read at each release: a reload may change ``cluster.drain_timeout``.
+    drain_timeout: Callable[[], float]
+
+
 class NodeActuator:
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    def __init__(self, ctx: ActuatorContext) -> None:
+        self.ctx = ctx
 
     async def acquire(self, ips: frozenset[IPv4Address]) -> frozenset[IPv4Address]:
-        present = await self.node.plumbing.ensure(ips)
+        plumbing, listeners = self.ctx.plumbing, self.ctx.listeners
+        present = await plumbing.ensure(ips)
         started: set[IPv4Address] = set()
         for ip in sorted(present):
             try:
-                await self.node.listeners.start_ip(ip)
+                await listeners.start_ip(ip)
             except OSError as e:
                 log.error("listener start failed", extra={"fields": {"ip": ip, "error": e}})
                 continue
@@ -36,17 +58,17 @@ class NodeActuator:
         failed = present - started
         if failed:
             # Do not hold an IP whose service could not start.
-            await self.node.plumbing.remove(frozenset(failed))
+            await plumbing.remove(frozenset(failed))
         if started:
             log.info("acquired", extra={"fields": {"count": len(started), "ips": _short(started)}})
         return frozenset(started)
 
     async def release(self, ips: frozenset[IPv4Address]) -> None:
-        drain = self.node.config.cluster.drain_timeout
+        drain = self.ctx.drain_timeout()
         async with trio.open_nursery() as n:
             for ip in ips:
-                n.start_soon(self.node.listeners.stop_ip, ip, drain)
-        await self.node.plumbing.remove(ips)
+                n.start_soon(self.ctx.listeners.stop_ip, ip, drain)
+        await self.ctx.plumbing.remove(ips)
         log.info("released", extra={"fields": {"count": len(ips), "ips": _short(ips)}})
 
 

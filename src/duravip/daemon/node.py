@@ -9,6 +9,12 @@ Start order (each ``nursery.start`` returns once that service is ready):
 5. membership (SWIM join through the seeds, then a bounded wait for state sync);
 6. resolver (immature for ``view_mature_time``, then takes part in elections).
 
+Then :class:`~duravip.daemon.services.Services` exists and everything that
+needs more than one service starts with it: the console command groups, the
+metrics, mail routing, the re-announce loop. This module is wiring only: the
+rules live in :mod:`duravip.election.picture` (SWIM to cluster picture, holders)
+and :mod:`duravip.election.policy` (the resolver's decisions).
+
 A crash of any service propagates out of the nursery: every sibling is
 cancelled, the finally-blocks unplumb what this node holds, and the process
 exits non-zero. A half-alive node holding IPs it no longer serves is worse
@@ -34,27 +40,27 @@ from duravip import metrics, sdnotify
 from duravip.config import Config
 from duravip.control import server as control_server
 from duravip.control.protocol import CommandRegistry
-from duravip.daemon import commands
-from duravip.daemon.actuator import NodeActuator
-from duravip.daemon.telemetry import NodeMetrics
+from duravip.daemon.actuator import ActuatorContext, NodeActuator
+from duravip.daemon.commands import cluster, duravip, lifecycle, ops
+from duravip.daemon.commands.common import Pending
+from duravip.daemon.services import NodeState, Services
+from duravip.daemon.telemetry import MetricsContext, NodeMetrics
 from duravip.election import NodeView, build_view, encode
 from duravip.election.picture import (
     ClusterSnapshot,
     ViewTracker,
     binding_holders,
-    holders_by_ip,
+    handed_off,
     mmove_peers,
     reannounce_targets,
 )
-from duravip.election.resolver import ResolverService
+from duravip.election.quorum import LIVE_STATES
 from duravip.election.resolver import serve as serve_resolver
-from duravip.mail.service import MailService
 from duravip.mail.service import serve as serve_mail
 from duravip.plumbing.base import Plumber
 from duravip.plumbing.netlink import open_netlink_plumber
 from duravip.plumbing.worker import PlumbingWorker
 from duravip.plumbing.worker import serve as serve_plumbing
-from duravip.smtp.listeners import ListenerManager
 from duravip.smtp.listeners import serve as serve_listeners
 from duravip.smtp.server import ServerSettings
 from duravip.swim.crypto import Keyring
@@ -68,6 +74,9 @@ PlumberFactory = Callable[[Config], AbstractAsyncContextManager[Plumber]]
 #: Upper bound for a graceful stop: release IPs, hand queues over, leave.
 SHUTDOWN_BUDGET = 15.0
 
+#: Command groups that need running services (placeholders until the node has started).
+_LATE_COMMANDS = (*cluster.SPECS, *duravip.SPECS, *ops.SPECS)
+
 
 def load_keyring(config: Config) -> Keyring:
     if config.cluster.keyring is None:
@@ -78,7 +87,7 @@ def load_keyring(config: Config) -> Keyring:
 
 
 class Node:
-    """Holds the running services and the operator-facing state of one node."""
+    """Starts the services, hands each part the narrow handle it needs, stops them."""
 
     def __init__(
         self,
@@ -88,37 +97,31 @@ class Node:
         plumber: PlumberFactory | None = None,
         handle_signals: bool = True,
     ) -> None:
-        self.config = config
-        self.path = path
         #: False when several nodes share a process (tests): signal handlers are per process.
         self.handle_signals = handle_signals
         #: How the node gets its plumber: netlink in production, a fake in tests.
         self._open_plumber: PlumberFactory = plumber or (
             lambda c: open_netlink_plumber(use_iflist_cache=c.use_iflist_cache)
         )
-        self.keyring = load_keyring(config)
-        self.started_at = time.time()
-        self.config_loaded_at = time.time()
+        self.state = NodeState(
+            config=config,
+            path=path,
+            keyring=load_keyring(config),
+            snapshot=AsyncValue(ClusterSnapshot(local=config.cluster.node_name, states={}, views={})),
+        )
         self.registry = metrics.Registry()
-        self.telemetry = NodeMetrics(self.registry, self)
         self.shutdown_requested = trio.Event()
         self.exit_code = 0
-        self.snapshot: AsyncValue[ClusterSnapshot] = AsyncValue(
-            ClusterSnapshot(local=config.cluster.node_name, states={}, views={})
-        )
         self._tracker = ViewTracker(config.cluster.node_name)
         self._reannounce = trio.Event()
-        self.views_changed_at = time.monotonic()
-        # Filled as services start.
-        self.plumbing: PlumbingWorker
-        self.mail: MailService
-        self.listeners: ListenerManager
-        self.membership: MembershipService
-        self.resolver: ResolverService | None = None
 
     @property
     def name(self) -> str:
-        return self.config.cluster.node_name
+        return self.state.name
+
+    @property
+    def config(self) -> Config:
+        return self.state.config
 
     # ------------------------------------------------------------------ run
 
@@ -130,7 +133,10 @@ class Node:
                 trio.open_nursery() as nursery,
             ):
                 registry = CommandRegistry()
-                commands.register(registry, self)
+                lifecycle.register(
+                    registry, lifecycle.LifecycleContext(self.registry, self.shutdown_requested)
+                )
+                pending = Pending(registry, _LATE_COMMANDS)
                 await nursery.start(
                     partial(
                         control_server.serve,
@@ -148,7 +154,7 @@ class Node:
                             port=c.metrics.listen.port,
                         )
                     )
-                self.plumbing = await nursery.start(
+                plumbing = await nursery.start(
                     partial(
                         serve_plumbing,
                         plumber=plumber,
@@ -160,61 +166,110 @@ class Node:
                         garp_interval=c.cluster.garp_interval,
                     )
                 )
-                nursery.start_soon(self._unplumb_on_exit)
-                self.mail = await nursery.start(
+                nursery.start_soon(self._unplumb_on_exit, plumbing)
+                mail = await nursery.start(
                     partial(
                         serve_mail,
                         config=c,
                         node_name=self.name,
-                        keyring_keys=lambda: self.keyring.keys,
+                        keyring_keys=lambda: self.state.keyring.keys,
                     )
                 )
-                self.listeners = await nursery.start(
+                listeners = await nursery.start(
                     partial(
                         serve_listeners,
                         config=c,
-                        sink=self.mail.sink,
+                        sink=mail.sink,
                         settings=ServerSettings(hostname=self.name, limits=c.smtp),
                     )
                 )
-                self.membership = await nursery.start(
+                membership = await nursery.start(
                     partial(
                         serve_membership,
                         name=self.name,
                         bind=c.cluster.gossip_address.as_tuple(),
                         cluster=c.cluster.name,
                         timers=c.cluster.timers,
-                        keyring=self.keyring,
+                        keyring=self.state.keyring,
                         seeds=[p.as_tuple() for p in c.cluster.peers],
                         meta=encode(self.local_view(mature=False, held=frozenset())),
                     )
                 )
-                nursery.start_soon(self._follow_membership)
-                await self._wait_synced()
-                actuator = NodeActuator(self)
-                self.resolver = await nursery.start(
+                await self._sync(membership)
+                actuator = NodeActuator(
+                    ActuatorContext(
+                        plumbing=plumbing,
+                        listeners=listeners,
+                        drain_timeout=lambda: self.config.cluster.drain_timeout,
+                    )
+                )
+                resolver = await nursery.start(
                     partial(
                         serve_resolver,
                         config=c,
-                        snapshot=self.snapshot,
+                        snapshot=self.state.snapshot,
                         actuator=actuator,
-                        publish_view=self._publish_view,
+                        publish_view=lambda v: membership.set_meta(encode(v)),
                         mature_after=c.cluster.view_mature_time,
                     )
                 )
-                nursery.start_soon(self._follow_decisions)
-                nursery.start_soon(self._reannounce_loop)
-                nursery.start_soon(self._notify_ready)
-                log.info("node started", extra={"fields": {"members": len(self.snapshot.value.states)}})
-                await self._serve_signals()
-                await self._graceful_stop()
+                services = Services(
+                    plumbing=plumbing,
+                    mail=mail,
+                    listeners=listeners,
+                    membership=membership,
+                    resolver=resolver,
+                )
+                telemetry = NodeMetrics(self.registry, self._metrics_context(services))
+                pending.release()
+                self._register_commands(registry, services)
+                nursery.start_soon(self._follow_membership, services)
+                nursery.start_soon(self._follow_decisions, services)
+                nursery.start_soon(self._follow_takeovers, services, telemetry)
+                nursery.start_soon(self._reannounce_loop, services)
+                nursery.start_soon(self._notify_ready, services)
+                log.info("node started", extra={"fields": {"members": len(self.state.snapshot.value.states)}})
+                await self._serve_signals(services)
+                await self._graceful_stop(services)
                 nursery.cancel_scope.cancel()
         except* KeyboardInterrupt:
             log.info("interrupted before the signal handlers were up")
             self.exit_code = 130
         return self.exit_code
 
-    async def _unplumb_on_exit(self) -> None:
+    # ------------------------------------------------------------- wiring
+
+    def _register_commands(self, registry: CommandRegistry, s: Services) -> None:
+        cluster.register(
+            registry,
+            cluster.ClusterContext(
+                state=self.state, members=s.membership.snapshot, held=lambda: s.resolver.held.value
+            ),
+        )
+        duravip.register(registry, duravip.DuravipContext(state=self.state, resolver=s.resolver))
+        ops.register(
+            registry,
+            ops.OpsContext(
+                mailq=s.mail.mailq, reload=partial(self.reload, s), path=lambda: self.state.path
+            ),
+        )
+
+    def _metrics_context(self, s: Services) -> MetricsContext:
+        return MetricsContext(
+            member_states=lambda: self.state.snapshot.value.states.values(),
+            configured=lambda: len(self.config.duravips),
+            held=lambda: len(s.resolver.held.value),
+            views_dropped=lambda: self.state.views_dropped,
+            resolver=s.resolver.stats,
+            swim=lambda: s.membership.counters,
+            # The plumbing worker keeps no counters yet (the family renders empty).
+            plumbing=dict,
+            smtp=lambda: s.listeners.counters,
+            mail=lambda: s.mail.counters,
+            queues=s.mail.mailq,
+        )
+
+    async def _unplumb_on_exit(self, plumbing: PlumbingWorker) -> None:
         """However the node stops (a service crashed, or a signal), drop every IP it has.
 
         A graceful stop has released everything already; after a crash this is
@@ -223,11 +278,11 @@ class Node:
         try:
             await trio.sleep_forever()
         finally:
-            left = self.plumbing.present.value
+            left = plumbing.present.value
             if left:
                 log.warning("unplumbing %d DuraVIP(s) on the way out", len(left))
                 with trio.CancelScope(shield=True), trio.move_on_after(5):
-                    await self.plumbing.remove(left)
+                    await plumbing.remove(left)
 
     @staticmethod
     def forbidden_ips(c: Config) -> frozenset[IPv4Address]:
@@ -243,31 +298,45 @@ class Node:
     def local_view(self, *, mature: bool, held: frozenset[IPv4Address]) -> NodeView:
         return build_view(self.config, version=0, mature=mature, held=held)
 
-    def _publish_view(self, view: NodeView) -> None:
-        self.membership.set_meta(encode(view))
-
-    async def _follow_membership(self) -> None:
-        """Adapt SWIM snapshots into the election's ``ClusterSnapshot`` (views decoded once)."""
-        async for m in self.membership.snapshot.eventual_values():
-            self.snapshot.value = self._adapt(m)
-            if self.resolver is not None:
-                # Holders change when views change (a release, an acquisition),
-                # often with no change of owner: mail must follow the holder.
-                self.update_mail_holders()
-
-    def _adapt(self, m: Membership) -> ClusterSnapshot:
-        held = self.resolver.held.value if self.resolver is not None else frozenset()
+    def _adapt(self, m: Membership, held: frozenset[IPv4Address]) -> None:
+        """Apply one SWIM snapshot: new picture, counters, re-announce request."""
         up = self._tracker.update(m.members, held)
         for d in up.dropped:
-            self.telemetry.dropped_views.inc()
+            self.state.views_dropped += 1
             log.warning("undecodable view", extra={"fields": {"node": d.node, "error": d.error}})
         if up.reannounce:
             self._reannounce.set()
         if up.views_changed:
-            self.views_changed_at = time.monotonic()
-        return up.snapshot
+            self.state.views_changed_at = time.monotonic()
+        self.state.snapshot.value = up.snapshot
 
-    async def _reannounce_loop(self) -> None:
+    async def _sync(self, membership: MembershipService) -> None:
+        """Bounded wait until the seeds answered and every alive member's view is known.
+
+        Adapts snapshots itself (nothing is held yet) until :meth:`_follow_membership`
+        takes over once the resolver runs.
+        """
+        self._adapt(membership.snapshot.value, frozenset())
+        c = self.config.cluster
+        if not c.peers:
+            return
+        budget = max(2.0, 4 * c.timers.probe_interval + 2 * c.timers.probe_timeout)
+        with trio.move_on_after(budget):
+            async for m in membership.snapshot.eventual_values():
+                self._adapt(m, frozenset())
+                snap = self.state.snapshot.value
+                alive = [n for n, s in snap.states.items() if s in LIVE_STATES]
+                if len(alive) > 1 and all(n in snap.views for n in alive):
+                    return
+        log.info("state sync timed out: going on with what is known")
+
+    async def _follow_membership(self, s: Services) -> None:
+        """Adapt every SWIM snapshot; mail follows the holders (they change with views)."""
+        async for m in s.membership.snapshot.eventual_values():
+            self._adapt(m, s.resolver.held.value)
+            self._route_mail(s)
+
+    async def _reannounce_loop(self, s: Services) -> None:
         """GARP every IP held here when the cluster heals or a rival releases one.
 
         After a partition heals (or a paused node resumes) two nodes held an IP
@@ -279,63 +348,48 @@ class Node:
             self._reannounce = trio.Event()
             # Let the resolver digest the same change first (it may release).
             await trio.sleep(self.config.cluster.timers.gossip_interval)
-            if self.resolver is not None:
-                owned = reannounce_targets(
-                    self.snapshot.value, self.resolver.decisions.value, self.resolver.held.value
-                )
-                if owned:
-                    log.info("re-announcing %d owned IP(s) by gratuitous ARP", len(owned))
-                    await self.plumbing.announce(owned)
+            owned = reannounce_targets(
+                self.state.snapshot.value, s.resolver.decisions.value, s.resolver.held.value
+            )
+            if owned:
+                log.info("re-announcing %d owned IP(s) by gratuitous ARP", len(owned))
+                await s.plumbing.announce(owned)
             await trio.sleep(self.config.cluster.timers.gossip_interval)
-
-    def holders_by_ip(self) -> dict[IPv4Address, list[str]]:
-        """IP -> the live (alive or suspect) nodes whose view says they hold it."""
-        return holders_by_ip(self.snapshot.value)
-
-    async def _wait_synced(self) -> None:
-        """Bounded wait until the seeds answered and every alive member's view is known."""
-        c = self.config.cluster
-        if not c.peers:
-            return
-        budget = max(2.0, 4 * c.timers.probe_interval + 2 * c.timers.probe_timeout)
-        with trio.move_on_after(budget):
-            async for snap in self.snapshot.eventual_values():
-                alive = [n for n, s in snap.states.items() if s in ("alive", "suspect")]
-                if len(alive) > 1 and all(n in snap.views for n in alive):
-                    return
-        log.info("state sync timed out: going on with what is known")
 
     # ----------------------------------------------------------- decisions
 
-    async def _follow_decisions(self) -> None:
+    async def _follow_decisions(self, s: Services) -> None:
         """Tell the mail service who holds each binding whenever the picture changes."""
-        assert self.resolver is not None
-        async for _ in self.resolver.decisions.eventual_values():
-            self.update_mail_holders()
-            self.telemetry.observe_takeovers()
+        async for _ in s.resolver.decisions.eventual_values():
+            self._route_mail(s)
 
-    def binding_holders(self) -> dict[str, str | None]:
-        decisions = self.resolver.decisions.value if self.resolver else {}
+    async def _follow_takeovers(self, s: Services, telemetry: NodeMetrics) -> None:
+        """Feed the failover histogram when the held set changes (acquire returned).
+
+        Decisions change before the acquisition finishes, so following them
+        alone saw each takeover only at the next, unrelated, decision change.
+        """
+        async for _ in s.resolver.held.eventual_values():
+            telemetry.observe_takeovers()
+
+    def _route_mail(self, s: Services) -> None:
+        snap = self.state.snapshot.value
         bindings = {
             b.name: b.bind_address
             for b in self.config.bindings
             if b.bind_address is not None and b.enable_duravip
         }
-        return binding_holders(self.snapshot.value, decisions, bindings)
+        holders = binding_holders(snap, s.resolver.decisions.value, bindings)
+        s.mail.set_holders(holders, local=self.name, peers=mmove_peers(snap))
 
-    def update_mail_holders(self) -> None:
-        peers = mmove_peers(self.snapshot.value)
-        self.mail.set_holders(self.binding_holders(), local=self.name, peers=peers)
-
-    async def _notify_ready(self) -> None:
-        assert self.resolver is not None
+    async def _notify_ready(self, s: Services) -> None:
         await trio.sleep(self.config.cluster.view_mature_time)
         sdnotify.notify("READY=1")
-        sdnotify.notify(f"STATUS=mature; holding {len(self.resolver.held.value)} DuraVIPs")
+        sdnotify.notify(f"STATUS=mature; holding {len(s.resolver.held.value)} DuraVIPs")
 
     # ------------------------------------------------------------- control
 
-    async def _serve_signals(self) -> None:
+    async def _serve_signals(self, s: Services) -> None:
         if not self.handle_signals:
             await self.shutdown_requested.wait()
             return
@@ -349,7 +403,7 @@ class Node:
                 n.start_soon(wait_shutdown)
                 async for sig in sigs:
                     if sig == signal.SIGHUP:
-                        errors = await self.reload()
+                        errors = await self.reload(s)
                         for e in errors:
                             log.error("reload rejected: %s", e)
                     else:
@@ -357,42 +411,45 @@ class Node:
                         n.cancel_scope.cancel()
                         return
 
-    async def _graceful_stop(self) -> None:
+    async def _graceful_stop(self, s: Services) -> None:
         """Release every IP break-before-make, hand queues over, announce ``left``."""
         sdnotify.notify("STOPPING=1")
         with trio.move_on_after(SHUTDOWN_BUDGET) as scope:
-            if self.resolver is not None:
-                await self.resolver.release_all()
-            # Let the others elect new owners and plumb before queues move.
-            await trio.sleep(min(1.0, 4 * self.config.cluster.timers.probe_interval))
-            self.update_mail_holders()
-            await self.mail.hand_over(timeout=max(1.0, SHUTDOWN_BUDGET / 2))
-            await self.membership.leave(timeout=2.0)
+            released = s.resolver.held.value
+            await s.resolver.release_all()
+            # Let the others elect new owners and plumb before queues move: mail
+            # follows the holders. Bounded: a peer that cannot plumb must not
+            # keep the queues here.
+            with trio.move_on_after(min(1.0, 4 * self.config.cluster.timers.probe_interval)):
+                await self.state.snapshot.wait_value(lambda snap: handed_off(snap, released))
+            self._route_mail(s)
+            await s.mail.hand_over(timeout=max(1.0, SHUTDOWN_BUDGET / 2))
+            await s.membership.leave(timeout=2.0)
         if scope.cancelled_caught:
             log.warning("graceful stop ran out of time", extra={"fields": {"budget_s": SHUTDOWN_BUDGET}})
         log.info("stopped")
 
-    async def reload(self) -> list[str]:
+    async def reload(self, s: Services) -> list[str]:
         """Apply a new config without restart, or keep the old one and return the errors."""
+        path = self.state.path
         try:
-            new = await trio.to_thread.run_sync(cfg.load, self.path)
-            keyring = load_keyring(new) if new.cluster.keyring else self.keyring
+            new = await trio.to_thread.run_sync(cfg.load, path)
+            keyring = load_keyring(new) if new.cluster.keyring else self.state.keyring
         except cfg.ConfigError as e:
             return [str(d) for d in e.diagnostics]
         except (OSError, ValueError, SystemExit) as e:
             return [str(e)]
         if new.cluster.node_name != self.name or new.cluster.gossip_address != self.config.cluster.gossip_address:
             return ["node_name and gossip_address cannot change on reload: restart the node"]
-        self.config = new
-        self.config_loaded_at = time.time()
-        self.keyring = keyring
-        self.membership.set_keyring(keyring)
-        self.membership.set_timers(new.cluster.timers)
-        self.plumbing.set_managed(frozenset(new.duravips), new.cluster.topology)
-        self.listeners.set_config(new)
-        self.mail.set_config(new)
-        if self.resolver is not None:
-            self.resolver.set_config(new)
+        self.state.config = new
+        self.state.config_loaded_at = time.time()
+        self.state.keyring = keyring
+        s.membership.set_keyring(keyring)
+        s.membership.set_timers(new.cluster.timers)
+        s.plumbing.set_managed(frozenset(new.duravips), new.cluster.topology)
+        s.listeners.set_config(new)
+        s.mail.set_config(new)
+        s.resolver.set_config(new)
         log.info("config reloaded", extra={"fields": {"duravips": len(new.duravips)}})
         return []
 

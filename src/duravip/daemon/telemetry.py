@@ -2,18 +2,24 @@
 
 Services keep plain ``dict[str, int]`` counters (cheap on hot paths, no
 metrics import in sans-IO cores); this module exposes them in Prometheus
-form without copying, so a scrape always sees current values.
+form without copying, so a scrape always sees current values. It is built
+once every service has started (a scrape before that renders no series), from
+a :class:`MetricsContext` of plain readers: it never sees the node itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable, Iterable, Mapping
+from typing import ClassVar
 
+from attrs import frozen
+
+from duravip.election.resolver import ResolverStats
+from duravip.mail.router import MailqRow
 from duravip.metrics import Gauge, Registry
+from duravip.swim.members import State
 
-if TYPE_CHECKING:
-    from duravip.daemon.node import Node
+Counters = Callable[[], Mapping[str, int]]
 
 
 class _CollectedCounter(Gauge):
@@ -22,88 +28,91 @@ class _CollectedCounter(Gauge):
     type_name: ClassVar[str] = "counter"
 
 
-def _safe(fn: Callable[[], Any], default: Any) -> Any:
-    try:
-        return fn()
-    except AttributeError:  # service not started yet
-        return default
+@frozen
+class MetricsContext:
+    """Readers for every series (each called at render time)."""
+
+    member_states: Callable[[], Iterable[State]]
+    configured: Callable[[], int]
+    held: Callable[[], int]
+    views_dropped: Callable[[], int]
+    resolver: ResolverStats
+    swim: Counters
+    plumbing: Counters
+    smtp: Counters
+    mail: Counters
+    queues: Callable[[], Iterable[MailqRow]]
 
 
 class NodeMetrics:
-    def __init__(self, registry: Registry, node: Node) -> None:
+    def __init__(self, registry: Registry, ctx: MetricsContext) -> None:
         self.registry = registry
-        self.node = node
+        self.ctx = ctx
         self._last_takeover_at = float("-inf")
         r = registry
         r.gauge("duravip_members", "cluster members by SWIM state", ["state"]).set_collector(
-            lambda: _count_states(node)
+            lambda: _count_states(ctx.member_states())
         )
         r.gauge(
             "duravip_ips_held", "DuraVIPs plumbed on this node",
-            callback=lambda: float(len(node.resolver.held.value)) if node.resolver else 0.0,
+            callback=lambda: float(ctx.held()),
         )
         r.gauge(
             "duravip_ips_configured", "DuraVIPs in this node's config",
-            callback=lambda: float(len(node.config.duravips)),
+            callback=lambda: float(ctx.configured()),
         )
         self.failover_seconds = r.histogram(
             "duravip_failover_seconds",
             "from seeing a holder dead or left to this node serving its IP",
         )
-        self.dropped_views = r.counter(
-            "duravip_views_dropped_total", "member views that failed to decode"
+        r.register(
+            _CollectedCounter(
+                "duravip_views_dropped_total", "member views that failed to decode",
+                callback=lambda: float(ctx.views_dropped()),
+            )
         )
         self._dict_counter(
             "duravip_swim_dropped_packets_total", "gossip packets and streams dropped, by reason",
-            "reason", lambda: _prefixed(node.membership.counters, "dropped_"),
+            "reason", lambda: _prefixed(ctx.swim(), "dropped_"),
         )
         self._dict_counter(
             "duravip_swim_total", "SWIM protocol counters", "counter",
-            lambda: {k: v for k, v in node.membership.counters.items() if not k.startswith("dropped_")},
+            lambda: {k: v for k, v in ctx.swim().items() if not k.startswith("dropped_")},
         )
         self._dict_counter(
             "duravip_election_total", "elections and moves of this node's resolver", "counter",
-            lambda: _resolver_stats(node),
+            lambda: _resolver_stats(ctx.resolver),
         )
         self._dict_counter(
-            "duravip_plumbing_total", "plumbing operations and errors", "counter",
-            lambda: getattr(node.plumbing, "counters", {}),
+            "duravip_plumbing_total", "plumbing operations and errors", "counter", ctx.plumbing
         )
         self._dict_counter(
-            "duravip_smtp_total", "SMTP sessions, messages and rejects", "counter",
-            lambda: node.listeners.counters,
+            "duravip_smtp_total", "SMTP sessions, messages and rejects", "counter", ctx.smtp
         )
         self._dict_counter(
             "duravip_mail_total", "spool, delivery and mmove (ECmmove2) counters", "counter",
-            lambda: node.mail.counters,
+            ctx.mail,
         )
         r.gauge("duravip_queue_messages", "queued messages", ["binding", "state"]).set_collector(
-            lambda: _queue(node)
+            lambda: _queue(ctx.queues())
         )
 
     def observe_takeovers(self) -> None:
         """Move takeover latencies the resolver recorded since last time into the histogram."""
-        if self.node.resolver is None:
-            return
-        recent = self.node.resolver.stats.recent
+        recent = self.ctx.resolver.recent
         for t in recent:
             if t.at > self._last_takeover_at and t.latency is not None:
                 self.failover_seconds.observe(t.latency)
         if recent:
             self._last_takeover_at = max(self._last_takeover_at, max(t.at for t in recent))
 
-    def _dict_counter(
-        self, name: str, help_text: str, label: str, source: Callable[[], Mapping[str, int]]
-    ) -> None:
+    def _dict_counter(self, name: str, help_text: str, label: str, source: Counters) -> None:
         metric = _CollectedCounter(name, help_text, [label])
-        metric.set_collector(lambda: {(k,): float(v) for k, v in _safe(source, {}).items()})
+        metric.set_collector(lambda: {(k,): float(v) for k, v in source().items()})
         self.registry.register(metric)
 
 
-def _resolver_stats(node: Node) -> dict[str, int]:
-    if node.resolver is None:
-        return {}
-    st = node.resolver.stats
+def _resolver_stats(st: ResolverStats) -> dict[str, int]:
     return {
         "elections": st.elections,
         "moves_in": st.moves_in,
@@ -116,16 +125,16 @@ def _prefixed(counters: Mapping[str, int], prefix: str) -> dict[str, int]:
     return {k[len(prefix):]: v for k, v in counters.items() if k.startswith(prefix)}
 
 
-def _count_states(node: Node) -> dict[tuple[str, ...], float]:
+def _count_states(states: Iterable[State]) -> dict[tuple[str, ...], float]:
     out: dict[tuple[str, ...], float] = {(s,): 0.0 for s in ("alive", "suspect", "dead", "left")}
-    for s in node.snapshot.value.states.values():
-        out[(s,)] = out.get((s,), 0.0) + 1
+    for s in states:
+        out[(str(s),)] = out.get((str(s),), 0.0) + 1
     return out
 
 
-def _queue(node: Node) -> dict[tuple[str, ...], float]:
+def _queue(rows: Iterable[MailqRow]) -> dict[tuple[str, ...], float]:
     out: dict[tuple[str, ...], float] = {}
-    for row in _safe(node.mail.mailq, []):
+    for row in rows:
         key = f"{row.group}/{row.binding}"
         out[(key, "active")] = float(row.active)
         out[(key, "delayed")] = float(row.delayed)

@@ -38,6 +38,7 @@ __all__ = [
     "PictureUpdate",
     "ViewTracker",
     "binding_holders",
+    "handed_off",
     "holders_by_ip",
     "mmove_peers",
     "reannounce_targets",
@@ -202,3 +203,18 @@ def reannounce_targets(
         for ip in held
         if (d := decisions.get(ip)) is not None and d.owner == snap.local and ip not in contested
     )
+
+
+def handed_off(snap: ClusterSnapshot, released: frozenset[IPv4Address]) -> bool:
+    """True once every IP in ``released`` is held by another live node, or by nobody able to.
+
+    A graceful stop waits for this before moving queues: mail follows the
+    holders, so they must be known first. An IP no other live node announces
+    has nobody to wait for.
+    """
+    others = {
+        n: v for n, v in snap.views.items() if n != snap.local and snap.states.get(n) in LIVE_STATES
+    }
+    held = set().union(*(v.held for v in others.values()))
+    announced = set().union(*(v.vips.keys() for v in others.values()))
+    return all(ip in held or ip not in announced for ip in released)

@@ -1,0 +1,228 @@
+"""``cluster duravip ...`` and the two ``broadcast`` commands: owners, holders, steering."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from ipaddress import IPv4Address
+from typing import Any
+
+from attrs import frozen
+
+from duravip.config import DuraVip
+from duravip.control.protocol import CommandError, CommandRegistry, Reply
+from duravip.control.render import format_duration, table
+from duravip.daemon.commands.common import Spec, add, parse_ip
+from duravip.daemon.services import NodeState
+from duravip.election import Decision, NodeView, VipClaim, score
+from duravip.election.picture import holders_by_ip
+from duravip.election.resolver import ResolverService
+
+SHOW = Spec("cluster duravip show", "cluster duravip show", "every DuraVIP: services, owner, holder, states")
+TABLES = Spec("cluster duravip show tables", "cluster duravip show tables", "raw views and decisions as JSON")
+EXPLAIN = Spec("cluster duravip explain", "cluster duravip explain IP", "candidates, scores and why this owner")
+ANNOUNCE = Spec(
+    "broadcast cluster duravip announce view",
+    "broadcast cluster duravip announce view",
+    "re-announce this node's view (run after config reload on every node)",
+)
+MOVE = Spec(
+    "broadcast cluster duravip move",
+    "broadcast cluster duravip move IP to NODE",
+    "move a DuraVIP to a node (a temporary override the cluster agrees on)",
+)
+SPECS = (SHOW, TABLES, EXPLAIN, ANNOUNCE, MOVE)
+
+
+@frozen
+class DuravipContext:
+    state: NodeState
+    #: Decisions to read, and the two steering calls (announce, request_move).
+    resolver: ResolverService
+
+    def decisions(self) -> Mapping[IPv4Address, Decision]:
+        out: Mapping[IPv4Address, Decision] = self.resolver.decisions.value
+        return out
+
+
+def register(registry: CommandRegistry, ctx: DuravipContext) -> None:
+    add(registry, SHOW, show, ctx)
+    add(registry, TABLES, tables, ctx)
+    add(registry, EXPLAIN, explain, ctx)
+    add(registry, ANNOUNCE, announce, ctx)
+    add(registry, MOVE, move, ctx)
+
+
+async def show(ctx: DuravipContext, args: list[str]) -> Reply:
+    rows, data = _duravip_rows(ctx)
+    stable = ctx.state.view_stable_for()
+    cstable = ctx.state.config_stable_for()
+    text = table(["IP", "SERVICES", "OWNER", "HOLDER", "STATE", "REASON"], rows)
+    text += f"\nviews stable for {format_duration(stable)}, config stable for {format_duration(cstable)}"
+    return Reply(
+        text=text,
+        data={"duravips": data, "view_stable_s": round(stable, 3), "config_stable_s": round(cstable, 3)},
+    )
+
+
+async def tables(ctx: DuravipContext, args: list[str]) -> Reply:
+    snap = ctx.state.snapshot.value
+    data = {
+        "states": dict(snap.states),
+        "views": {name: _view_json(v) for name, v in snap.views.items()},
+        "decisions": {str(ip): _decision_json(d) for ip, d in ctx.decisions().items()},
+    }
+    return Reply(text=json.dumps(data, indent=2, sort_keys=True), data=data)
+
+
+async def explain(ctx: DuravipContext, args: list[str]) -> Reply:
+    if len(args) != 1:
+        raise CommandError("usage: cluster duravip explain IP")
+    ip = parse_ip(args[0])
+    d = ctx.decisions().get(ip)
+    if d is None:
+        raise CommandError(f"{ip} is not a DuraVIP any alive node announces")
+    snap = ctx.state.snapshot.value
+    announcing = sorted(n for n, v in snap.views.items() if ip in v.vips)
+    cands = []
+    for n in announcing:
+        v = snap.views[n]
+        claim = v.vips[ip]
+        cands.append(
+            {
+                "node": n,
+                "state": snap.states.get(n, "unknown"),
+                "mature": v.mature,
+                "candidate": n in d.candidates,
+                "score": f"{score(ip, n):016x}",
+                "preference": claim.preference,
+                "binding": claim.binding,
+                "listener_ports": list(claim.listener_ports),
+                "follows": claim.follows,
+                "holds": ip in v.held,
+            }
+        )
+    rows = [
+        [
+            c["node"],
+            c["state"],
+            "yes" if c["mature"] else "no",
+            "yes" if c["candidate"] else "no",
+            c["score"],
+            c["preference"] or "-",
+            c["binding"] or "-",
+            ",".join(map(str, c["listener_ports"])) or "-",
+            "yes" if c["holds"] else "",
+        ]
+        for c in cands
+    ]
+    text = f"{ip}: owner {d.owner or '(none)'}; states {_states(d)}\nreason: {d.reason}\n"
+    text += table(["NODE", "STATE", "MATURE", "CAND", "SCORE", "PREF", "BINDING", "PORTS", "HOLDS"], rows)
+    return Reply(text=text, data={"ip": str(ip), "decision": _decision_json(d), "nodes": cands})
+
+
+async def announce(ctx: DuravipContext, args: list[str]) -> Reply:
+    ctx.resolver.announce()
+    return Reply(text="view announced", data={"announced": True})
+
+
+async def move(ctx: DuravipContext, args: list[str]) -> Reply:
+    if len(args) != 3 or args[1].lower() != "to":
+        raise CommandError("usage: broadcast cluster duravip move IP to NODE")
+    ip = parse_ip(args[0])
+    target = args[2]
+    if ip not in ctx.decisions():
+        raise CommandError(f"{ip} is not a DuraVIP any alive node announces")
+    if target not in ctx.state.snapshot.value.states:
+        raise CommandError(f"no such member: {target}")
+    ctx.resolver.request_move(ip, target)
+    return Reply(text=f"moving {ip} to {target}", data={"ip": str(ip), "to": target})
+
+
+# ----------------------------------------------------------------- helpers
+
+
+def _states(d: Decision) -> str:
+    return ",".join(sorted(d.states)) or "OK"
+
+
+def _services(ctx: DuravipContext, ip: IPv4Address) -> str:
+    vip: DuraVip | VipClaim | None = ctx.state.config.duravips.get(ip)
+    if vip is None:
+        for v in ctx.state.snapshot.value.views.values():
+            claim = v.vips.get(ip)
+            if claim is not None:
+                vip = claim
+                break
+    if vip is None:
+        return "-"
+    parts = []
+    if vip.binding:
+        parts.append(f"binding {vip.binding}")
+    if vip.listener_ports:
+        parts.append("smtp " + ",".join(map(str, vip.listener_ports)))
+    if vip.follows:
+        parts.append(f"follows {vip.follows}")
+    return "; ".join(parts) or "-"
+
+
+def _duravip_rows(ctx: DuravipContext) -> tuple[list[list[str]], list[dict[str, Any]]]:
+    holders = holders_by_ip(ctx.state.snapshot.value)
+    decisions = ctx.decisions()
+    ips = sorted(set(decisions) | set(ctx.state.config.duravips))
+    rows, data = [], []
+    for ip in ips:
+        d = decisions.get(ip)
+        h = sorted(holders.get(ip, []))
+        states = _states(d) if d else "UNKNOWN"
+        services = _services(ctx, ip)
+        rows.append(
+            [
+                str(ip),
+                services,
+                (d.owner if d else None) or "-",
+                ",".join(h) or "-",
+                states,
+                d.reason if d else "not resolved yet",
+            ]
+        )
+        data.append(
+            {
+                "ip": str(ip),
+                "services": services,
+                "owner": d.owner if d else None,
+                "holders": h,
+                "states": sorted(d.states) if d else ["UNKNOWN"],
+                "candidates": list(d.candidates) if d else [],
+                "reason": d.reason if d else None,
+            }
+        )
+    return rows, data
+
+
+def _view_json(v: NodeView) -> dict[str, Any]:
+    return {
+        "node": v.node,
+        "version": v.version,
+        "mature": v.mature,
+        "held": sorted(str(ip) for ip in v.held),
+        "mmove_addr": str(v.mmove_addr) if v.mmove_addr else None,
+        "vips": {
+            str(ip): {
+                "listener_ports": list(c.listener_ports),
+                "binding": c.binding,
+                "preference": c.preference,
+                "follows": c.follows,
+            }
+            for ip, c in sorted(v.vips.items())
+        },
+    }
+
+
+def _decision_json(d: Decision) -> dict[str, Any]:
+    return {
+        "owner": d.owner,
+        "states": sorted(d.states),
+        "candidates": list(d.candidates),
+        "reason": d.reason,
+    }
