@@ -50,7 +50,8 @@ Addr = tuple[str, int]
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 #: The pause after such an error (trio's SLEEP_TIME): the loop neither spins nor stalls.
 ACCEPT_RETRY_DELAY = 0.1
-#: At most one log line per listener per this many seconds about capacity errors.
+#: At most one log line per this many seconds about capacity errors, over all
+#: listeners (10,240 DuraVIP listeners out of fds at once must not flood the log).
 ACCEPT_LOG_INTERVAL = 10.0
 #: How long a refused connection may take to receive its one-line 421.
 REFUSE_TIMEOUT = 1.0
@@ -75,9 +76,6 @@ class _Running:
         #: Set once every session is gone.
         self.done = trio.Event()
         self.sessions: trio.Nursery | None = None
-        #: Rate limit of the capacity-error log: when it may log next, and what it skipped.
-        self.next_log_at = float("-inf")
-        self.errors_not_logged = 0
 
 
 class ListenerManager:
@@ -107,6 +105,9 @@ class ListenerManager:
         self._ips: set[IPv4Address] = set()
         #: Sessions per client IP (entries removed at zero: bounded by max_sessions).
         self._per_ip: dict[str, int] = {}
+        #: Rate limit of the capacity-error log: when it may log next, and what it skipped.
+        self._next_log_at = float("-inf")
+        self._errors_not_logged = 0
         self.counters: dict[str, int] = {
             "sessions": 0,
             "sessions_active": 0,
@@ -284,14 +285,14 @@ class ListenerManager:
 
     def _log_capacity(self, running: _Running, exc: OSError) -> None:
         now = trio.current_time()
-        if now < running.next_log_at:
-            running.errors_not_logged += 1
+        if now < self._next_log_at:
+            self._errors_not_logged += 1
             return
-        running.next_log_at = now + ACCEPT_LOG_INTERVAL
-        skipped, running.errors_not_logged = running.errors_not_logged, 0
+        self._next_log_at = now + ACCEPT_LOG_INTERVAL
+        skipped, self._errors_not_logged = self._errors_not_logged, 0
         log.error(
-            "accept on %s:%d returned %s (%s); retrying every %.0f ms "
-            "(%d more not logged in the last %.0f s)",
+            "accept on %s:%d returned %s (%s); pausing %.0f ms and retrying "
+            "(%d such errors not logged since the last line; at most one line per %.0f s)",
             *running.addr,
             errno.errorcode.get(exc.errno or 0, str(exc.errno)),
             os.strerror(exc.errno or 0),
