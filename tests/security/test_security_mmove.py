@@ -321,6 +321,9 @@ def _raw(data: bytes) -> Callable[[trio.SocketStream], Awaitable[None]]:
     return script
 
 
+_BUSY_PEER = _raw(mmove.BUSY)
+
+
 @pytest.mark.parametrize(
     "script",
     [
@@ -331,7 +334,7 @@ def _raw(data: bytes) -> Callable[[trio.SocketStream], Awaitable[None]]:
         _garbage_proof(b"z" * (auth.MAX_LINE + 10)),
         _raw(b"DVMMOVE1 " + b"\xff" * 64 + b"\r\n"),
         _raw(b"220 not an mmove listener\r\n"),
-        _raw(mmove.BUSY),
+        _BUSY_PEER,
         _raw(b"\xff" * (auth.MAX_LINE + 10)),
     ],
 )
@@ -357,6 +360,8 @@ async def test_fake_peer_answering_garbage_fails_the_move_not_the_node(
                 )
             assert spool.get(qid) is not None  # still queued here
             assert counters.get("mmove_sent", 0) == 0
+            if script is not _BUSY_PEER:
+                assert counters["mmove_auth_failed"] == 1
             nursery.cancel_scope.cancel()
 
 
@@ -367,6 +372,8 @@ async def test_fake_peer_that_never_answers_times_out(
 
     async def silent(stream: trio.SocketStream) -> None:
         await trio.sleep_forever()
+
+    counters: dict[str, int] = {}
 
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -380,10 +387,11 @@ async def test_fake_peer_that_never_answers_times_out(
                     key=KEY,
                     cluster=CLUSTER,
                     helo="tx",
-                    counters={},
+                    counters=counters,
                     node="fake",
                     timeout=30.0,
                 )
+            assert counters["mmove_auth_failed"] == 1
             nursery.cancel_scope.cancel()
 
 

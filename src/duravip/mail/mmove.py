@@ -309,8 +309,11 @@ async def move_batch(
     # Local removes run beside the next transfer, so their flushes overlap the network.
     async with trio.open_nursery() as removes:
         try:
-            with trio.fail_after(PREAMBLE_TIMEOUT):
-                rest = await client_preamble(stream, key, cluster)
+            try:
+                with trio.fail_after(PREAMBLE_TIMEOUT):
+                    rest = await client_preamble(stream, key, cluster)
+            except trio.TooSlowError as exc:
+                raise auth.AuthError(f"no preamble within {PREAMBLE_TIMEOUT}s") from exc
             session = SmtpSession(stream, timeout=timeout, leftover=rest)
             await session.start(helo)
             if EHLO_KEYWORD not in session.proto.extensions:
