@@ -140,6 +140,29 @@ async def test_deliverer_dot_stuffing_and_raw_bytes(
     assert rec.messages[0].data == data + b"\r\n"
 
 
+async def test_a_stored_bare_lf_body_reaches_the_smarthost_as_one_canonical_message(
+    tmp_path: Path, smarthost: tuple[HostPort, Recorder]
+) -> None:
+    """The downstream half of SMTP smuggling: ``x LF . CRLF MAIL FROM:...`` in a
+    stored body must not end the message early at a lenient smarthost. The
+    recording smarthost refuses bare newlines (the default), so the old
+    as-stored relay got a 550 and a bounce; now the body leaves as CRLF."""
+    addr, rec = smarthost
+    data = b"Subject: t\r\n\r\nx\n.\r\nMAIL FROM:<evil@x>\r\nRCPT TO:<v@y>\r\nDATA\r\n"
+    with trio.fail_after(10):
+        sp = Spool.open(tmp_path)
+        qid = await sp.store(NewMessage("a@x.org", ("b@y.org",), data, "default", "default", "n1"))
+        counters: dict[str, int] = {}
+        d = Deliverer(sp, counters, helo="n1", retry_base=1, retry_max=1)
+        m = sp.get(qid)
+        assert m is not None
+        await d.deliver_batch(addr, None, [m])
+        sp.close()
+    assert counters.get("bounced", 0) == 0 and counters["delivered"] == 1
+    assert [(r.mail_from, r.rcpt_to) for r in rec.messages] == [("a@x.org", ("b@y.org",))]
+    assert rec.messages[0].data == data.replace(b"x\n.", b"x\r\n.")
+
+
 async def test_mailq_counts_waiting_and_groups(
     tmp_path: Path, keys: Callable[[], list[bytes]]
 ) -> None:
