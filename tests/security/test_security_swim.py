@@ -371,7 +371,8 @@ async def test_slow_header_frame_is_cut_and_excess_connections_closed(
     from duravip.swim import driver
 
     monkeypatch.setattr(driver, "HEADER_TIMEOUT", 0.3)
-    monkeypatch.setattr(driver, "MAX_INBOUND_STREAMS", 4)
+    monkeypatch.setattr(driver, "MAX_INBOUND_STREAMS", 6)
+    monkeypatch.setattr(driver, "MAX_INBOUND_PER_IP", 4)
     key = Keyring.generate()
     port = free_port()
     with trio.fail_after(20):

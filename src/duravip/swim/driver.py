@@ -8,7 +8,8 @@ A TCP message is two 4-byte length-prefixed frames: a small sealed header that
 announces the length of the second, then the sealed message itself. A server
 reads at most :data:`FIRST_FRAME_MAX` bytes from a peer that has not proven the
 key, each frame under its own deadline, and serves at most
-:data:`MAX_INBOUND_STREAMS` connections at once (more are closed at once).
+:data:`MAX_INBOUND_STREAMS` connections at once, :data:`MAX_INBOUND_PER_IP` per
+peer IP (more are closed at once).
 """
 
 from __future__ import annotations
@@ -40,8 +41,11 @@ FIRST_FRAME_MAX = 256
 HEADER_TIMEOUT = 2.0
 #: Deadline for serving one inbound TCP exchange (the large frame included).
 SERVER_TIMEOUT = 10.0
-#: Inbound TCP exchanges served at once; further connections are closed at once.
-MAX_INBOUND_STREAMS = 32
+#: Inbound TCP exchanges served at once, in all and per peer IP (a real peer has a
+#: push-pull and a few view fetches in flight at most); further connections are closed
+#: at once, so one keyless host cannot take every slot.
+MAX_INBOUND_STREAMS = 128
+MAX_INBOUND_PER_IP = 16
 MAX_DATAGRAM = 65536
 
 
@@ -113,6 +117,7 @@ class MembershipService:
         self._nursery = nursery
         self._wake = trio.Event()
         self._inbound = 0
+        self._inbound_by_ip: dict[str, int] = {}
         self.snapshot: trio_util.AsyncValue[Membership] = trio_util.AsyncValue(
             self._make_snapshot()
         )
@@ -187,15 +192,24 @@ class MembershipService:
         self._kick()
 
     async def _serve_conn(self, stream: trio.SocketStream) -> None:
-        if self._inbound >= MAX_INBOUND_STREAMS:
+        try:
+            peer = stream.socket.getpeername()
+        except OSError:
+            await trio.aclose_forcefully(stream)
+            return
+        ip = str(peer[0])
+        if (
+            self._inbound >= MAX_INBOUND_STREAMS
+            or self._inbound_by_ip.get(ip, 0) >= MAX_INBOUND_PER_IP
+        ):
             self._swim.counters["dropped_stream_busy"] += 1
             await trio.aclose_forcefully(stream)
             return
         self._inbound += 1
+        self._inbound_by_ip[ip] = self._inbound_by_ip.get(ip, 0) + 1
         try:
             async with stream:
                 try:
-                    peer = stream.socket.getpeername()
                     with trio.fail_after(SERVER_TIMEOUT):
                         request = await read_sealed_message(self._swim, stream, HEADER_TIMEOUT)
                         resp = self._swim.handle_stream(
@@ -209,6 +223,9 @@ class MembershipService:
                     log.debug("inbound exchange failed: %s", exc)
         finally:
             self._inbound -= 1
+            left = self._inbound_by_ip.pop(ip) - 1
+            if left:
+                self._inbound_by_ip[ip] = left
 
     async def _recv_loop(self) -> None:
         while True:
