@@ -17,9 +17,10 @@ from duravip.config.model import PRESETS
 from duravip.sim import Simulation
 from duravip.swim import codec
 from duravip.swim.core import StreamRequest, Swim
-from duravip.swim.crypto import Keyring
+from duravip.swim.crypto import HEADER_LEN, Boot, Keyring
 from duravip.swim.driver import MembershipService, serve
 from duravip.swim.members import State
+from duravip.swim.replay import WINDOW, ReplayGuard
 
 KEY = Keyring([b"0123456789abcdef0123456789abcdef"])
 T = attrs.evolve(PRESETS["lan"], push_pull_interval=1000.0)
@@ -426,3 +427,38 @@ def test_restart_with_a_clock_stepped_back_is_accepted_once_declared_dead() -> N
     x._on_dead(codec.Dead(0, "y", "x"), 2.1)  # its old boot is declared dead
     x.receive_datagram(sealed_from(y2, "x", [codec.Ping(2, "x", "y", Y_ADDR)]), Y_ADDR, 2.2)
     assert [a for _, a in x.outgoing()] == [Y_ADDR]
+
+
+# ----------------------------------------------------------------------------- 4. nonces
+
+
+def test_nonces_are_per_boot_counters_not_random() -> None:
+    """No random 96-bit nonce (2^32 bound per key): a per-boot sub-key and its frame counter."""
+    ring = Keyring.generate()
+    a, b = Boot(5, b"\x00" * 8), Boot(5, b"\x00" * 7 + b"\x01")
+    frames = [ring.seal(b"same", "c", b"udp", a) for _ in range(1000)]
+    assert [ring.open(f, "c", b"udp").counter for f in frames] == list(range(1, 1001))
+    assert ring.sealed == 1000
+    # the same counter in another boot is sealed under another sub-key
+    other = ring.seal(b"same", "c", b"udp", b)
+    assert ring.open(other, "c", b"udp").counter == 1
+    assert other[HEADER_LEN:] != frames[0][HEADER_LEN:]
+    # the counter survives a key rotation (set_keyring): receivers' windows keep working
+    ring2 = Keyring([*Keyring.generate().keys, *ring.keys])
+    assert ring2.open(ring2.seal(b"x", "c", b"udp", a), "c", b"udp").counter == 1001
+
+
+def test_replay_window_edges() -> None:
+    g = ReplayGuard(max_senders=2)
+    salt = b"s" * 8
+    assert g.accept("a", 1, salt, 10)
+    assert not g.accept("a", 1, salt, 10)
+    assert g.accept("a", 1, salt, 12) and g.accept("a", 1, salt, 11)  # reordered: fine once
+    assert g.accept("a", 1, salt, 10 + WINDOW)
+    assert not g.accept("a", 1, salt, 11)  # fell out of the window
+    assert g.accept("a", 1, salt, (1 << 64) - 1)  # a huge jump costs no memory
+    assert not g.accept("a", 1, b"t" * 8, 5)  # same epoch, another salt: not this boot
+    assert not g.accept("a", 0, salt, 10**6)  # an older boot
+    assert g.accept("a", 2, b"t" * 8, 1)  # a restart
+    assert g.accept("b", 1, salt, 1) and g.accept("c", 1, salt, 1)
+    assert len(g) == 2  # bounded
