@@ -15,7 +15,6 @@ resolver (a full computation).
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Collection, Iterable, Mapping
 from ipaddress import AddressValueError, IPv4Address
 from itertools import repeat
@@ -24,14 +23,10 @@ import attrs
 import xxhash
 from attrs import frozen
 
+from duravip.election.claims import BROKEN, CONFLICT, NO_STATES, Info, combine, derived
 from duravip.election.view import NodeView, Override, VipClaim
 
 __all__ = ["Decision", "Resolver", "node_seed", "resolve", "score"]
-
-CONFLICT = "CONFLICT"
-UNSAFE = "UNSAFE"
-BROKEN = "BROKEN"
-_NO_STATES: frozenset[str] = frozenset()
 
 _h = xxhash.xxh3_64_intdigest
 
@@ -64,75 +59,6 @@ def score(ip: IPv4Address, node: str) -> int:
     return _h(ip.packed, node_seed(node))
 
 
-@frozen
-class _Info:
-    """What the announcing (alive) views say together about one IP."""
-
-    states: frozenset[str]
-    preferred: str | None
-    conflict: tuple[str, ...]  # the distinct preferred nodes when CONFLICT
-    follows: int | None  # followed binding IP, as an int
-    binding: str | None
-    bindings: tuple[str, ...]  # distinct binding names when BROKEN
-    follow_name: str | None
-
-
-def _combine(claims: list[VipClaim]) -> _Info:
-    first = claims[0]
-    if len(claims) == 1:
-        return _Info(_NO_STATES, first.preference, (), None, first.binding, (), first.follows)
-    states: set[str] = set()
-    ports = {c.listener_ports for c in claims}
-    follows = {c.follows for c in claims}
-    if len(ports) > 1 or len(follows) > 1:
-        states.add(UNSAFE)
-    bindings = {c.binding for c in claims}
-    if len(bindings) > 1:
-        states.add(BROKEN)
-    prefs = {c.preference for c in claims if c.preference is not None}
-    preferred: str | None = None
-    if len(prefs) > 1:
-        states.add(CONFLICT)
-    elif prefs:
-        preferred = next(iter(prefs))
-    return _Info(
-        frozenset(states),
-        preferred,
-        tuple(sorted(prefs)) if len(prefs) > 1 else (),
-        None,
-        first.binding if len(bindings) == 1 else None,
-        tuple(sorted(b or "-" for b in bindings)) if len(bindings) > 1 else (),
-        first.follows if len(follows) == 1 else None,
-    )
-
-
-class _Derived:
-    """Int-keyed, sorted form of one shared ``vips`` mapping (computed once)."""
-
-    __slots__ = ("claims", "ints", "ipobjs", "packed", "vips")
-
-    def __init__(self, vips: Mapping[IPv4Address, VipClaim]) -> None:
-        self.vips = vips  # keeps id(vips) valid while cached
-        self.ipobjs = sorted(vips)
-        self.ints = [int(ip) for ip in self.ipobjs]
-        self.packed = [ip.packed for ip in self.ipobjs]
-        self.claims = [vips[ip] for ip in self.ipobjs]
-
-
-_DERIVED: OrderedDict[int, _Derived] = OrderedDict()
-
-
-def _derived(vips: Mapping[IPv4Address, VipClaim]) -> _Derived:
-    d = _DERIVED.get(id(vips))
-    if d is not None and d.vips is vips:
-        _DERIVED.move_to_end(id(vips))
-        return d
-    d = _DERIVED[id(vips)] = _Derived(vips)
-    while len(_DERIVED) > 64:
-        _DERIVED.popitem(last=False)
-    return d
-
-
 class Resolver:
     """Incremental election: same results as :func:`resolve`, less work.
 
@@ -145,7 +71,7 @@ class Resolver:
     def __init__(self) -> None:
         self._groups_key: frozenset[int] = frozenset()
         self._groups: dict[int, Mapping[IPv4Address, VipClaim]] = {}
-        self._info: dict[int, _Info] = {}
+        self._info: dict[int, Info] = {}
         self._sig: dict[int, tuple[int, ...]] = {}
         self._ips_by_sig: dict[tuple[int, ...], list[int]] = {}
         self._followers: dict[int, list[int]] = {}
@@ -168,21 +94,21 @@ class Resolver:
     # ------------------------------------------------------------ layer A
 
     def _rebuild_claims(self, groups: dict[int, Mapping[IPv4Address, VipClaim]]) -> None:
-        info: dict[int, _Info] = {}
+        info: dict[int, Info] = {}
         sigs: dict[int, tuple[int, ...]] = {}
         by_sig: dict[tuple[int, ...], list[int]] = {}
         ipobj: dict[int, IPv4Address] = {}
         packed: dict[int, bytes] = {}
-        cache: dict[tuple[int, ...], _Info] = {}
-        ders = [(gid, _derived(groups[gid])) for gid in sorted(groups)]
+        cache: dict[tuple[int, ...], Info] = {}
+        ders = [(gid, derived(groups[gid])) for gid in sorted(groups)]
         if len(ders) == 1:
             gid, d = ders[0]
             sig: tuple[int, ...] = (gid,)
-            infos: list[_Info] = []
+            infos: list[Info] = []
             for c in d.claims:
                 inf = cache.get((id(c),))
                 if inf is None:
-                    inf = cache[(id(c),)] = _combine([c])
+                    inf = cache[(id(c),)] = combine([c])
                 infos.append(inf)
             info = dict(zip(d.ints, infos, strict=True))
             sigs = dict.fromkeys(d.ints, sig)
@@ -210,7 +136,7 @@ class Resolver:
                 ckey = tuple(map(id, lst))
                 inf = cache.get(ckey)
                 if inf is None:
-                    inf = cache[ckey] = _combine(lst)
+                    inf = cache[ckey] = combine(lst)
                 info[n] = inf
                 s = tuple(sig_l[n])
                 s = interned.setdefault(s, s)
@@ -387,7 +313,7 @@ class Resolver:
             if d is None:
                 d = shared[key] = Decision(
                     owner,
-                    _NO_STATES,
+                    NO_STATES,
                     cands,
                     f"highest rendezvous score among {len(cands)} candidate(s)",
                 )
