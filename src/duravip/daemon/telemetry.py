@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from attrs import frozen
 
-from duravip.election.resolver import ResolverStats
+from duravip.election.policy import ResolverStats
 from duravip.mail.router import MailqRow
 from duravip.metrics import Gauge, Registry
 from duravip.swim.members import State
