@@ -29,6 +29,7 @@ import trio
 from duravip.config import Config, Listener
 from duravip.smtp.driver import handle_connection
 from duravip.smtp.server import ServerSettings, too_many_connections
+from duravip.smtp.settings import session_limits
 from duravip.smtp.types import MessageSink
 
 __all__ = [
@@ -168,11 +169,12 @@ class ListenerManager:
     def set_config(self, config: Config) -> None:
         """Reload: start/stop listeners that appeared/disappeared (in the background).
 
-        ``settings.limits`` becomes ``config.smtp`` for new sessions.
+        ``settings.limits`` becomes ``config.smtp`` for new sessions (converted
+        to the core's own :class:`SessionLimits` here, once per reload).
         """
         self._config = config
         self._vip_index = _index_by_ip(config)
-        self._settings = attrs.evolve(self._settings, limits=config.smtp)
+        self._settings = attrs.evolve(self._settings, limits=session_limits(config.smtp))
         want = self._wanted(config)
         for addr in set(self._running) - want:
             self._nursery.start_soon(self._stop, addr, config.cluster.drain_timeout)
@@ -329,7 +331,7 @@ class ListenerManager:
         except OSError:  # the client is gone already
             await trio.aclose_forcefully(stream)
             return
-        limits = self._settings.limits
+        limits = self._config.smtp
         if self.counters["sessions_active"] >= limits.max_sessions:
             self.counters["sessions_refused_total"] += 1
             await self._refuse(stream)
