@@ -6,7 +6,7 @@ import pytest
 import trio
 
 from duravip.control.protocol import CommandError, CommandRegistry
-from duravip.daemon.commands import cluster, duravip, lifecycle, ops
+from duravip.daemon.commands import cluster, duravip, lifecycle, mail, reload
 from duravip.daemon.commands.common import NOT_STARTED, Pending
 from duravip.metrics import Registry
 
@@ -27,7 +27,7 @@ CONTRACT = {
 
 
 def test_every_group_together_is_exactly_the_documented_command_set() -> None:
-    specs = [*cluster.SPECS, *duravip.SPECS, *ops.SPECS, *lifecycle.SPECS]
+    specs = [*cluster.SPECS, *duravip.SPECS, *mail.SPECS, *reload.SPECS, *lifecycle.SPECS]
     assert {s.name: s.usage for s in specs} == CONTRACT
     assert len(specs) == len(CONTRACT)
 
@@ -36,7 +36,7 @@ async def test_late_commands_answer_not_started_until_released() -> None:
     registry = CommandRegistry()
     shutdown = trio.Event()
     lifecycle.register(registry, lifecycle.LifecycleContext(Registry(), shutdown))
-    pending = Pending(registry, [*cluster.SPECS, *duravip.SPECS, *ops.SPECS])
+    pending = Pending(registry, [*cluster.SPECS, *duravip.SPECS, *mail.SPECS, *reload.SPECS])
     # help lists every command from the start, with its usage and help text.
     names = {" ".join(c.words): c.usage for c in registry.commands.values()}
     assert {k: v for k, v in names.items() if k != "help"} == CONTRACT

@@ -61,3 +61,41 @@ async def test_reload_rejects_a_bad_config_and_keeps_running(cluster: Cluster) -
                 while VIP2 in cluster.plumbers["n1"].addresses:
                     await trio.sleep(0.02)
             nursery.cancel_scope.cancel()
+
+
+async def test_console_during_the_state_sync(cluster: Cluster) -> None:
+    """n1 alone: its seed n2 never answers, so it waits out the sync budget (2 s)."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cluster.run, "n1")
+            with trio.fail_after(5):
+                while True:
+                    try:
+                        members = await cluster.console("n1", "cluster", "membership")
+                    except OSError:  # control socket not bound yet
+                        await trio.sleep(0.02)
+                        continue
+                    if members["ok"]:
+                        break
+                    await trio.sleep(0.02)
+            assert [m["name"] for m in members["data"]["members"]] == ["n1"]  # type: ignore[index]
+            info = await cluster.console("n1", "cluster", "info")
+            assert info["ok"] and info["data"]["held"] == []  # type: ignore[index]
+            show = await cluster.console("n1", "cluster", "duravip", "show")
+            rows = show["data"]["duravips"]  # type: ignore[index]
+            assert show["ok"] and {r["reason"] for r in rows} == {None}  # not resolved yet
+            assert {r["ip"] for r in rows} == {str(VIP1), str(VIP2), str(FOLLOW)}
+            announce = await cluster.console("n1", "broadcast", "cluster", "duravip", "announce", "view")
+            assert not announce["ok"] and "node still joining" in str(announce["error"])
+            help_ = await cluster.console("n1", "help")
+            assert help_["ok"] and "broadcast cluster duravip announce view" in str(help_["data"])
+            # Once the sync has timed out the resolver runs and every command answers.
+            await cluster.wait_holders({VIP1: "n1", VIP2: "n1"})
+            with trio.fail_after(5):
+                while len((await cluster.console("n1", "cluster", "info"))["data"]["held"]) < 3:  # type: ignore[index]
+                    await trio.sleep(0.02)
+            show = await cluster.console("n1", "cluster", "duravip", "show")
+            assert {r["owner"] for r in show["data"]["duravips"]} == {"n1"}  # type: ignore[index]
+            announce = await cluster.console("n1", "broadcast", "cluster", "duravip", "announce", "view")
+            assert announce["ok"], announce
+            nursery.cancel_scope.cancel()

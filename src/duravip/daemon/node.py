@@ -41,7 +41,11 @@ from duravip.config import Config
 from duravip.control import server as control_server
 from duravip.control.protocol import CommandRegistry
 from duravip.daemon.actuator import ActuatorContext, NodeActuator
-from duravip.daemon.commands import cluster, duravip, lifecycle, ops
+from duravip.daemon.commands import cluster as cluster_cmds
+from duravip.daemon.commands import duravip as duravip_cmds
+from duravip.daemon.commands import lifecycle
+from duravip.daemon.commands import mail as mail_cmds
+from duravip.daemon.commands import reload as reload_cmds
 from duravip.daemon.commands.common import Pending
 from duravip.daemon.services import NodeState, Services
 from duravip.daemon.telemetry import MetricsContext, NodeMetrics
@@ -73,9 +77,6 @@ PlumberFactory = Callable[[Config], AbstractAsyncContextManager[Plumber]]
 
 #: Upper bound for a graceful stop: release IPs, hand queues over, leave.
 SHUTDOWN_BUDGET = 15.0
-
-#: Command groups that need running services (placeholders until the node has started).
-_LATE_COMMANDS = (*cluster.SPECS, *duravip.SPECS, *ops.SPECS)
 
 
 def load_keyring(config: Config) -> Keyring:
@@ -136,7 +137,12 @@ class Node:
                 lifecycle.register(
                     registry, lifecycle.LifecycleContext(self.registry, self.shutdown_requested)
                 )
-                pending = Pending(registry, _LATE_COMMANDS)
+                # Each command group answers once what it needs runs; until then
+                # its names answer "not started yet" (help lists them all at once).
+                duravip_cmds.register_views(registry, self.state)
+                waiting_mail = Pending(registry, mail_cmds.SPECS)
+                waiting_members = Pending(registry, cluster_cmds.SPECS)
+                waiting_resolver = Pending(registry, (*duravip_cmds.STEER_SPECS, *reload_cmds.SPECS))
                 await nursery.start(
                     partial(
                         control_server.serve,
@@ -175,6 +181,8 @@ class Node:
                         keyring_keys=lambda: self.state.keyring.keys,
                     )
                 )
+                waiting_mail.release()
+                mail_cmds.register(registry, mail_cmds.MailContext(mailq=mail.mailq))
                 listeners = await nursery.start(
                     partial(
                         serve_listeners,
@@ -194,6 +202,10 @@ class Node:
                         seeds=[p.as_tuple() for p in c.cluster.peers],
                         meta=encode(self.local_view(mature=False, held=frozenset())),
                     )
+                )
+                waiting_members.release()
+                cluster_cmds.register(
+                    registry, cluster_cmds.ClusterContext(self.state, membership.snapshot)
                 )
                 await self._sync(membership)
                 actuator = NodeActuator(
@@ -221,11 +233,11 @@ class Node:
                     resolver=resolver,
                 )
                 telemetry = NodeMetrics(self.registry, self._metrics_context(services))
-                pending.release()
-                self._register_commands(registry, services)
+                waiting_resolver.release()
+                self._register_steering(registry, services)
                 nursery.start_soon(self._follow_membership, services)
                 nursery.start_soon(self._follow_decisions, services)
-                nursery.start_soon(self._follow_takeovers, services, telemetry)
+                nursery.start_soon(self._follow_held, services, telemetry)
                 nursery.start_soon(self._reannounce_loop, services)
                 nursery.start_soon(self._notify_ready, services)
                 log.info("node started", extra={"fields": {"members": len(self.state.snapshot.value.states)}})
@@ -239,19 +251,11 @@ class Node:
 
     # ------------------------------------------------------------- wiring
 
-    def _register_commands(self, registry: CommandRegistry, s: Services) -> None:
-        cluster.register(
+    def _register_steering(self, registry: CommandRegistry, s: Services) -> None:
+        duravip_cmds.register_steering(registry, duravip_cmds.SteeringContext(self.state, s.resolver))
+        reload_cmds.register(
             registry,
-            cluster.ClusterContext(
-                state=self.state, members=s.membership.snapshot, held=lambda: s.resolver.held.value
-            ),
-        )
-        duravip.register(registry, duravip.DuravipContext(state=self.state, resolver=s.resolver))
-        ops.register(
-            registry,
-            ops.OpsContext(
-                mailq=s.mail.mailq, reload=partial(self.reload, s), path=lambda: self.state.path
-            ),
+            reload_cmds.ReloadContext(reload=partial(self.reload, s), path=lambda: self.state.path),
         )
 
     def _metrics_context(self, s: Services) -> MetricsContext:
@@ -359,17 +363,19 @@ class Node:
     # ----------------------------------------------------------- decisions
 
     async def _follow_decisions(self, s: Services) -> None:
-        """Tell the mail service who holds each binding whenever the picture changes."""
-        async for _ in s.resolver.decisions.eventual_values():
+        """Mirror the decisions for the console; mail follows the holders."""
+        async for decisions in s.resolver.decisions.eventual_values():
+            self.state.decisions = decisions
             self._route_mail(s)
 
-    async def _follow_takeovers(self, s: Services, telemetry: NodeMetrics) -> None:
-        """Feed the failover histogram when the held set changes (acquire returned).
+    async def _follow_held(self, s: Services, telemetry: NodeMetrics) -> None:
+        """Mirror the held set; feed the failover histogram (an acquire returned).
 
         Decisions change before the acquisition finishes, so following them
         alone saw each takeover only at the next, unrelated, decision change.
         """
-        async for _ in s.resolver.held.eventual_values():
+        async for held in s.resolver.held.eventual_values():
+            self.state.held = held
             telemetry.observe_takeovers()
 
     def _route_mail(self, s: Services) -> None:

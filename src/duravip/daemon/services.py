@@ -3,13 +3,16 @@
 :class:`Services` is built once, when every service has started, so nothing
 in it is optional: a task that needs the resolver is started after it and
 gets it as an argument. :class:`NodeState` is what changes while the node runs
-(config on reload, the cluster picture, the clocks the console shows); it
-exists from the first line of ``Node.__init__``.
+(config on reload, the cluster picture and the resolver's results as the
+console reads them, the clocks it shows); it exists from the first line of
+``Node.__init__``.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from ipaddress import IPv4Address
 from pathlib import Path
 
 import attrs
@@ -19,6 +22,7 @@ from trio_util import AsyncValue
 from duravip.config import Config
 from duravip.election.picture import ClusterSnapshot
 from duravip.election.resolver import ResolverService
+from duravip.election.rule import Decision
 from duravip.mail.service import MailService
 from duravip.plumbing.worker import PlumbingWorker
 from duravip.smtp.listeners import ListenerManager
@@ -54,6 +58,10 @@ class NodeState:
     views_changed_at: float = attrs.Factory(time.monotonic)
     #: Member views that failed to decode, since start.
     views_dropped: int = 0
+    #: The resolver's latest decisions and held set, mirrored for the console
+    #: (empty before the resolver runs: nothing is decided or held then).
+    decisions: Mapping[IPv4Address, Decision] = attrs.Factory(dict)
+    held: frozenset[IPv4Address] = frozenset()
 
     @property
     def name(self) -> str:

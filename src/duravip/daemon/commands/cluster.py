@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from ipaddress import IPv4Address
 from typing import Any
 
 import attrs
@@ -28,7 +26,6 @@ class ClusterContext:
     state: NodeState
     #: SWIM's own snapshot (addresses, incarnations, state ages).
     members: AsyncValue[Membership]
-    held: Callable[[], frozenset[IPv4Address]]
 
 
 def register(registry: CommandRegistry, ctx: ClusterContext) -> None:
@@ -79,7 +76,7 @@ async def info(ctx: ClusterContext, args: list[str]) -> Reply:
     by_state: dict[str, int] = {}
     for s in st.snapshot.value.states.values():
         by_state[s] = by_state.get(s, 0) + 1
-    held = sorted(ctx.held())
+    held = sorted(st.held)
     data: dict[str, Any] = {
         "node": st.name,
         "cluster": c.cluster.name,

@@ -53,8 +53,13 @@ class Pending:
             registry.add(spec.name, _not_started, help=spec.help, usage=spec.usage)
 
     def release(self) -> None:
-        for spec in self.specs:
-            self.registry.remove(spec.name)
+        unregister(self.registry, self.specs)
+
+
+def unregister(registry: CommandRegistry, specs: Iterable[Spec]) -> None:
+    """Remove a group's commands (to register it again with a fuller context)."""
+    for spec in specs:
+        registry.remove(spec.name)
 
 
 async def _not_started(args: list[str]) -> Reply:

@@ -1,11 +1,15 @@
-"""``cluster duravip ...`` and the two ``broadcast`` commands: owners, holders, steering."""
+"""``cluster duravip ...`` and the two ``broadcast`` commands: owners, holders, steering.
+
+Two registrations: the views (show, tables, explain) read only the node's
+state and answer from the start (nothing is resolved before the resolver
+runs); the steering commands (announce, move) need the resolver itself.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from ipaddress import IPv4Address
-from typing import Any
+from typing import Any, Protocol
 
 from attrs import frozen
 
@@ -16,7 +20,6 @@ from duravip.daemon.commands.common import Spec, add, parse_ip
 from duravip.daemon.services import NodeState
 from duravip.election import Decision, NodeView, VipClaim, score
 from duravip.election.picture import holders_by_ip
-from duravip.election.resolver import ResolverService
 
 SHOW = Spec("cluster duravip show", "cluster duravip show", "every DuraVIP: services, owner, holder, states")
 TABLES = Spec("cluster duravip show tables", "cluster duravip show tables", "raw views and decisions as JSON")
@@ -31,32 +34,40 @@ MOVE = Spec(
     "broadcast cluster duravip move IP to NODE",
     "move a DuraVIP to a node (a temporary override the cluster agrees on)",
 )
-SPECS = (SHOW, TABLES, EXPLAIN, ANNOUNCE, MOVE)
+VIEW_SPECS = (SHOW, TABLES, EXPLAIN)
+STEER_SPECS = (ANNOUNCE, MOVE)
+SPECS = (*VIEW_SPECS, *STEER_SPECS)
+
+
+class Steering(Protocol):
+    """The two calls that change this node's view (the resolver's)."""
+
+    def announce(self) -> None: ...
+
+    def request_move(self, ip: IPv4Address, node: str) -> None: ...
 
 
 @frozen
-class DuravipContext:
+class SteeringContext:
     state: NodeState
-    #: Decisions to read, and the two steering calls (announce, request_move).
-    resolver: ResolverService
-
-    def decisions(self) -> Mapping[IPv4Address, Decision]:
-        out: Mapping[IPv4Address, Decision] = self.resolver.decisions.value
-        return out
+    resolver: Steering
 
 
-def register(registry: CommandRegistry, ctx: DuravipContext) -> None:
-    add(registry, SHOW, show, ctx)
-    add(registry, TABLES, tables, ctx)
-    add(registry, EXPLAIN, explain, ctx)
+def register_views(registry: CommandRegistry, state: NodeState) -> None:
+    add(registry, SHOW, show, state)
+    add(registry, TABLES, tables, state)
+    add(registry, EXPLAIN, explain, state)
+
+
+def register_steering(registry: CommandRegistry, ctx: SteeringContext) -> None:
     add(registry, ANNOUNCE, announce, ctx)
     add(registry, MOVE, move, ctx)
 
 
-async def show(ctx: DuravipContext, args: list[str]) -> Reply:
-    rows, data = _duravip_rows(ctx)
-    stable = ctx.state.view_stable_for()
-    cstable = ctx.state.config_stable_for()
+async def show(st: NodeState, args: list[str]) -> Reply:
+    rows, data = _duravip_rows(st)
+    stable = st.view_stable_for()
+    cstable = st.config_stable_for()
     text = table(["IP", "SERVICES", "OWNER", "HOLDER", "STATE", "REASON"], rows)
     text += f"\nviews stable for {format_duration(stable)}, config stable for {format_duration(cstable)}"
     return Reply(
@@ -65,24 +76,24 @@ async def show(ctx: DuravipContext, args: list[str]) -> Reply:
     )
 
 
-async def tables(ctx: DuravipContext, args: list[str]) -> Reply:
-    snap = ctx.state.snapshot.value
+async def tables(st: NodeState, args: list[str]) -> Reply:
+    snap = st.snapshot.value
     data = {
         "states": dict(snap.states),
         "views": {name: _view_json(v) for name, v in snap.views.items()},
-        "decisions": {str(ip): _decision_json(d) for ip, d in ctx.decisions().items()},
+        "decisions": {str(ip): _decision_json(d) for ip, d in st.decisions.items()},
     }
     return Reply(text=json.dumps(data, indent=2, sort_keys=True), data=data)
 
 
-async def explain(ctx: DuravipContext, args: list[str]) -> Reply:
+async def explain(st: NodeState, args: list[str]) -> Reply:
     if len(args) != 1:
         raise CommandError("usage: cluster duravip explain IP")
     ip = parse_ip(args[0])
-    d = ctx.decisions().get(ip)
+    d = st.decisions.get(ip)
     if d is None:
         raise CommandError(f"{ip} is not a DuraVIP any alive node announces")
-    snap = ctx.state.snapshot.value
+    snap = st.snapshot.value
     announcing = sorted(n for n, v in snap.views.items() if ip in v.vips)
     cands = []
     for n in announcing:
@@ -121,17 +132,17 @@ async def explain(ctx: DuravipContext, args: list[str]) -> Reply:
     return Reply(text=text, data={"ip": str(ip), "decision": _decision_json(d), "nodes": cands})
 
 
-async def announce(ctx: DuravipContext, args: list[str]) -> Reply:
+async def announce(ctx: SteeringContext, args: list[str]) -> Reply:
     ctx.resolver.announce()
     return Reply(text="view announced", data={"announced": True})
 
 
-async def move(ctx: DuravipContext, args: list[str]) -> Reply:
+async def move(ctx: SteeringContext, args: list[str]) -> Reply:
     if len(args) != 3 or args[1].lower() != "to":
         raise CommandError("usage: broadcast cluster duravip move IP to NODE")
     ip = parse_ip(args[0])
     target = args[2]
-    if ip not in ctx.decisions():
+    if ip not in ctx.state.decisions:
         raise CommandError(f"{ip} is not a DuraVIP any alive node announces")
     if target not in ctx.state.snapshot.value.states:
         raise CommandError(f"no such member: {target}")
@@ -146,10 +157,10 @@ def _states(d: Decision) -> str:
     return ",".join(sorted(d.states)) or "OK"
 
 
-def _services(ctx: DuravipContext, ip: IPv4Address) -> str:
-    vip: DuraVip | VipClaim | None = ctx.state.config.duravips.get(ip)
+def _services(st: NodeState, ip: IPv4Address) -> str:
+    vip: DuraVip | VipClaim | None = st.config.duravips.get(ip)
     if vip is None:
-        for v in ctx.state.snapshot.value.views.values():
+        for v in st.snapshot.value.views.values():
             claim = v.vips.get(ip)
             if claim is not None:
                 vip = claim
@@ -166,16 +177,16 @@ def _services(ctx: DuravipContext, ip: IPv4Address) -> str:
     return "; ".join(parts) or "-"
 
 
-def _duravip_rows(ctx: DuravipContext) -> tuple[list[list[str]], list[dict[str, Any]]]:
-    holders = holders_by_ip(ctx.state.snapshot.value)
-    decisions = ctx.decisions()
-    ips = sorted(set(decisions) | set(ctx.state.config.duravips))
+def _duravip_rows(st: NodeState) -> tuple[list[list[str]], list[dict[str, Any]]]:
+    holders = holders_by_ip(st.snapshot.value)
+    decisions = st.decisions
+    ips = sorted(set(decisions) | set(st.config.duravips))
     rows, data = [], []
     for ip in ips:
         d = decisions.get(ip)
         h = sorted(holders.get(ip, []))
         states = _states(d) if d else "UNKNOWN"
-        services = _services(ctx, ip)
+        services = _services(st, ip)
         rows.append(
             [
                 str(ip),
