@@ -237,3 +237,36 @@ def test_graceful_stop_withdraws_candidacy_and_releases_everything() -> None:
     p.stopped(todo, frozenset())
     assert p.held == frozenset() and p.take_views()[-1].held == frozenset()
     assert p.stats.moves_out == 10
+
+
+def test_a_withdrawn_ip_is_no_longer_announced_and_is_released_to_a_peer() -> None:
+    p = mature_policy()
+    p.observe(0.0, snap({}, {}))
+    action = p.next_action(0.0)
+    assert action is not None
+    p.acquired(0.1, action, action.acquire)
+    p.take_views()
+    ip = IPS[0]
+    p.withdraw(ip)
+    (view,) = p.take_views()
+    assert ip not in view.vips and set(view.vips) == ALL - {ip} and ip in view.held
+    decisions = p.observe(0.2, snap({"n2": ALIVE}, {"n2": peer("n2")}))
+    assert decisions[ip].owner == "n2"
+    again = p.next_action(0.2)
+    assert again is not None and ip in again.release and ip in again.moves_out
+    p.withdraw(ip)  # already withdrawn: no new view
+    p.withdraw(IPv4Address("192.0.2.1"))  # not ours: ignored
+    assert p.take_views() == []
+    # Alone, nobody else can serve it: it is released all the same.
+    q = mature_policy()
+    q.observe(0.0, snap({}, {}))
+    first = q.next_action(0.0)
+    assert first is not None
+    q.acquired(0.1, first, first.acquire)
+    q.withdraw(ip)
+    assert q.observe(0.2, snap({}, {})).get(ip) is None
+    last = q.next_action(0.2)
+    assert last is not None and last.release == {ip}
+    # A reload (or announce) announces it again.
+    q.set_config(config("n1"), wall=5.0)
+    assert ip in q.take_views()[-1].vips

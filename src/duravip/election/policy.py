@@ -93,6 +93,8 @@ class ResolverPolicy:
         )
         self._version = 0
         self._overrides: dict[IPv4Address, Override] = {}
+        #: IPs this node cannot serve (a listener stopped for good): not announced.
+        self._withdrawn: set[IPv4Address] = set()
         #: IPs whose acquire failed: maybe partly plumbed, released if not ours.
         self._uncertain: frozenset[IPv4Address] = frozenset()
         #: IPs being acquired right now: announced as held *before* acquire()
@@ -134,8 +136,12 @@ class ResolverPolicy:
         return out
 
     def _make_view(self) -> NodeView:
+        vips = self._base.vips
+        if self._withdrawn:
+            vips = {ip: c for ip, c in vips.items() if ip not in self._withdrawn}
         return attrs.evolve(
             self._base,
+            vips=vips,
             version=self._version,
             mature=self._mature and not self._stopping,
             held=self.held | self._claiming,
@@ -158,9 +164,21 @@ class ResolverPolicy:
         self._republish()
 
     def announce(self) -> None:
-        """Re-announce the view (new version); drops our move overrides."""
+        """Re-announce the view (new version); drops our move overrides and withdrawals."""
         self._overrides.clear()
+        self._withdrawn.clear()
         self._republish()
+
+    def withdraw(self, ip: IPv4Address) -> None:
+        """Stop announcing ``ip``: this node cannot serve it (its listener stopped for good).
+
+        No longer a candidate, the node loses ownership and the next action
+        releases the IP (break-before-make) so another node can take it. Ends
+        with :meth:`announce` or a reload.
+        """
+        if ip in self._base.vips and ip not in self._withdrawn:
+            self._withdrawn.add(ip)
+            self._republish()
 
     def set_config(self, config: Config, *, wall: float) -> None:
         """Reload: new DuraVIPs, quorum and maturity time; drops overrides."""
@@ -174,6 +192,7 @@ class ResolverPolicy:
         if not self._mature:
             self._mature_at = self._started + config.cluster.view_mature_time
         self._overrides.clear()
+        self._withdrawn.clear()
         self._republish()
 
     # ------------------------------------------------------------ the step

@@ -111,6 +111,16 @@ class ResolverService:
         self._flush()
         self._wake.set()
 
+    def withdraw(self, ip: IPv4Address) -> None:
+        """This node cannot serve ``ip`` any more (e.g. its listener stopped for good).
+
+        Wiring point for ``smtp.listeners``' ``on_listener_failed``: the IP is
+        no longer announced, so it is released here and another node takes it.
+        """
+        self.policy.withdraw(ip)
+        self._flush()
+        self._wake.set()
+
     def set_config(self, config: Config) -> None:
         """Reload: new DuraVIPs, quorum and maturity time; drops overrides."""
         self.policy.set_config(config, wall=time.time())
