@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,15 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from duravip.mail import spool_recovery
 from duravip.mail.spool import NewMessage, Spool, SpoolError
+from duravip.mail.spool_files import (
+    create_segment_file,
+    private_dir,
+    seg_path,
+    write_all,
+    write_private_file,
+)
 from duravip.mail.spool_format import (
     LEGACY_HEADER,
     LEGACY_MAGIC,
@@ -23,11 +32,13 @@ from duravip.mail.spool_format import (
     Damage,
     Kind,
     Record,
+    ReplayState,
     encode,
     new_seed,
     scan,
     segment_header,
 )
+from duravip.mail.spool_recovery import RecoveryReport, copy_aside, recover_log, recover_segment
 
 
 def new(
@@ -501,3 +512,152 @@ async def test_failed_flush_amid_pipelined_flushes_keeps_memory_equal_to_disk(
         for q in acked:
             assert sp2.read_data(q).startswith(b"p")
         sp2.close()
+
+
+# ------------------------------------------- spool_files: private durable files
+
+
+def _mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+def test_private_dir_creates_0700_and_tightens_only_a_wide_one(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        assert private_dir(tmp_path / "new") is True
+        assert _mode(tmp_path / "new") == 0o700
+        wide = tmp_path / "wide"
+        wide.mkdir(mode=0o755)
+        assert private_dir(wide) is False
+        assert _mode(wide) == 0o700
+        assert private_dir(wide) is False  # already private: left alone
+    finally:
+        os.umask(old)
+
+
+def test_write_private_file_is_0600_and_leaves_nothing_on_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = os.umask(0)
+    try:
+        final = tmp_path / "bounce.eml"
+        write_private_file(final, b"content")
+        assert final.read_bytes() == b"content" and _mode(final) == 0o600
+
+        def no_fsync(fd: int) -> None:
+            raise OSError(5, "EIO")
+
+        monkeypatch.setattr(os, "fsync", no_fsync)
+        other = tmp_path / "other.eml"
+        with pytest.raises(OSError):
+            write_private_file(other, b"x")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["bounce.eml"]
+    finally:
+        os.umask(old)
+
+
+def test_create_segment_file_is_all_or_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seg = seg_path(tmp_path, 7)
+    assert seg.name == "00000007.seg"
+    head = segment_header(new_seed())
+    fd = create_segment_file(seg, head)
+    try:
+        os.write(fd, b"appended")
+    finally:
+        os.close(fd)
+    assert seg.read_bytes() == head + b"appended" and _mode(seg) == 0o600
+    with pytest.raises(FileExistsError):
+        create_segment_file(seg, head)
+
+    def no_sync(fd: int) -> None:
+        raise OSError(28, "ENOSPC")
+
+    monkeypatch.setattr(os, "fdatasync", no_sync)
+    with pytest.raises(OSError):
+        create_segment_file(seg_path(tmp_path, 8), head)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000007.seg"]
+
+
+def test_write_all_survives_short_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real(fd, bytes(data[:3])))
+    p = tmp_path / "f"
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT)
+    try:
+        write_all(fd, b"0123456789")
+    finally:
+        os.close(fd)
+    assert p.read_bytes() == b"0123456789"
+
+
+# ---------------------------------------- spool_recovery: scan, repair, copies
+
+
+def _segment(log_dir: Path, seg: int, n: int = 6) -> tuple[bytes, list[bytes]]:
+    seed = new_seed()
+    recs = _records(seed, n)
+    buf = segment_header(seed) + b"".join(recs)
+    seg_path(log_dir, seg).write_bytes(buf)
+    return buf, recs
+
+
+def test_recover_segment_cuts_a_torn_tail_without_a_copy(tmp_path: Path) -> None:
+    buf, recs = _segment(tmp_path, 1)
+    good = len(buf) - len(recs[-1])
+    seg_path(tmp_path, 1).write_bytes(buf[: len(buf) - 3])
+    report = RecoveryReport()
+    res = recover_segment(tmp_path, 1, report)
+    assert len(res.records) == len(recs) - 1
+    assert seg_path(tmp_path, 1).stat().st_size == good
+    assert (report.torn_tails, report.torn_bytes) == (1, len(recs[-1]) - 3)
+    assert (report.corrupt_regions, report.copies) == (0, [])
+    assert report.counters() == {"spool_torn_tails": 1, "spool_corrupt_regions": 0}
+
+
+def test_recover_segment_copies_corruption_aside_then_rewrites_it(tmp_path: Path) -> None:
+    buf, recs = _segment(tmp_path, 3)
+    damaged = bytearray(buf)
+    damaged[len(buf) - len(recs[-1]) - 2] ^= 0x40  # inside the second-to-last record
+    seg_path(tmp_path, 3).write_bytes(damaged)
+    report = RecoveryReport()
+    res = recover_segment(tmp_path, 3, report)
+    assert not res.damage and len(res.records) == len(recs) - 1
+    assert not scan(seg_path(tmp_path, 3).read_bytes()).damage
+    assert report.corrupt_regions == 1 and report.corrupt_bytes == len(recs[-2])
+    [copy] = report.copies
+    assert copy.name.startswith("00000003.corrupt-") and copy.read_bytes() == damaged
+    assert _mode(copy) == 0o600 and _mode(seg_path(tmp_path, 3)) == 0o600
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_copy_aside_never_overwrites_an_older_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(spool_recovery.time, "strftime", lambda fmt, t: "20260101T000000Z")
+    first = copy_aside(tmp_path, 2, b"one")
+    second = copy_aside(tmp_path, 2, b"two")
+    assert (first.name, second.name) == (
+        "00000002.corrupt-20260101T000000Z",
+        "00000002.corrupt-20260101T000000Z.1",
+    )
+    assert (first.read_bytes(), second.read_bytes()) == (b"one", b"two")
+
+
+async def test_recover_log_replays_segments_in_order_and_drops_leftovers(tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        sp = Spool.open(tmp_path, segment_size=1)  # every flush rotates: one message a segment
+        ids = [await sp.store(new(f"m{i}\r\n".encode())) for i in range(3)]
+        sp.close()
+    log_dir = tmp_path / "log"
+    (log_dir / "00000009.seg.tmp").write_bytes(b"half made")
+    (log_dir / "notes.seg").write_bytes(b"not a segment number")
+    (log_dir / "00000001.corrupt-x").write_bytes(b"an old copy")
+    state, report = ReplayState(), RecoveryReport()
+    segs, last = recover_log(log_dir, state, report)
+    assert segs == sorted(segs) and len(segs) == report.segments >= 3
+    assert last is not None and last.seed is not None
+    assert list(state.messages) == ids
+    assert not (log_dir / "00000009.seg.tmp").exists()
+    assert (log_dir / "notes.seg").exists() and (log_dir / "00000001.corrupt-x").exists()

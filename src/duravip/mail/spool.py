@@ -7,9 +7,15 @@ flush that covers its record, so an SMTP ``250`` always follows durability.
 Crash safety comes from the record checksum: a torn tail is invisible on
 replay and is truncated at open. Damage anywhere else costs only the records
 it touches: recovery resynchronises on the next valid record, keeps a copy of
-the damaged segment and reports CORRUPTION (never as a torn write). Old segments are dropped once nothing live is
-in them; a segment pinned by a few long-deferred messages is compacted by
-re-appending those messages to the active segment. See ``docs/mail.md``.
+the damaged segment and reports CORRUPTION (never as a torn write). Old
+segments are dropped once nothing live is in them; a segment pinned by a few
+long-deferred messages is compacted by re-appending those messages to the
+active segment. See ``docs/mail.md``.
+
+This module is the :class:`Spool` itself (store/update/remove, group commit,
+compaction); open-time recovery is :mod:`~duravip.mail.spool_recovery`, the
+private durable files :mod:`~duravip.mail.spool_files`, the record format
+:mod:`~duravip.mail.spool_format`. Their public names are re-exported here.
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import stat
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -27,29 +32,38 @@ from typing import Any
 import trio
 from attrs import Factory, define, field, frozen
 
+from duravip.mail.spool_files import (
+    create_segment_file,
+    fsync_dir,
+    prepare_dirs,
+    seg_path,
+    write_all,
+    write_private_file,
+)
 from duravip.mail.spool_format import (
     Kind,
     Located,
     QueuedMessage,
     ReplayState,
-    SegmentScan,
     apply_changes,
     encode,
     meta_of,
     new_seed,
-    scan,
     seen_records,
     segment_header,
 )
+from duravip.mail.spool_recovery import RecoveryReport, recover_log
+
+__all__ = [
+    "NewMessage",
+    "RecoveryReport",
+    "Spool",
+    "SpoolError",
+    "new_queue_id",
+    "write_private_file",
+]
 
 log = logging.getLogger(__name__)
-
-SEGMENT_SUFFIX = ".seg"
-#: A segment being created or repaired; renamed into place once durable.
-TMP_SUFFIX = ".seg.tmp"
-#: Queued mail is private: directories 0700, files 0600 whatever the umask.
-DIR_MODE = 0o700
-FILE_MODE = 0o600
 
 
 class SpoolError(Exception):
@@ -101,90 +115,6 @@ class _Batch:
     segment: int = 0
     start: int = 0
     epoch: int = 0
-
-
-@define
-class RecoveryReport:
-    """What :meth:`Spool.open` found and repaired (logged, and exported as counters)."""
-
-    segments: int = 0
-    records: int = 0
-    #: Crash-cut appends truncated (never acknowledged: not a loss).
-    torn_tails: int = 0
-    torn_bytes: int = 0
-    #: Damaged ranges holding no valid record, and their bytes (records in them are lost).
-    corrupt_regions: int = 0
-    corrupt_bytes: int = 0
-    #: Copies of damaged segments taken before repairing them.
-    copies: list[Path] = Factory(list)
-
-    def counters(self) -> dict[str, int]:
-        return {
-            "spool_torn_tails": self.torn_tails,
-            "spool_corrupt_regions": self.corrupt_regions,
-        }
-
-
-def _private_dir(path: Path) -> bool:
-    """Create ``path`` 0700, or tighten it (with a warning) if it is wider; ``True`` if created."""
-    try:
-        os.mkdir(path, DIR_MODE)
-    except FileExistsError:
-        created = False
-    else:
-        created = True
-    mode = stat.S_IMODE(os.stat(path).st_mode)
-    if mode == DIR_MODE:
-        return created
-    if not created and mode & 0o077:
-        log.warning(
-            "spool: %s has mode %04o (queued mail readable by others); tightening to %04o",
-            path,
-            mode,
-            DIR_MODE,
-        )
-    if created or mode & 0o077:
-        try:
-            os.chmod(path, DIR_MODE)
-        except OSError as exc:
-            log.warning("spool: cannot set mode %04o on %s: %s", DIR_MODE, path, exc)
-    return created
-
-
-def write_private_file(final: Path, content: bytes) -> None:
-    """Durably create ``final`` (mode 0600 whatever the umask) via a temporary file.
-
-    The file is fsynced before the rename and the directory after it, so the
-    name and the content survive a crash together.
-    """
-    tmp = final.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
-    try:
-        try:
-            os.fchmod(fd, FILE_MODE)
-            _write_all(fd, content)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(final.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 @define
@@ -252,21 +182,9 @@ class Spool:
     ) -> Spool:
         """Recover the queue from ``path`` (created if missing). Blocking: call at start-up."""
         self = cls(Path(path), segment_size, seen_ttl, max_segments)
-        self._prepare_dirs()
-        for p in self.log_dir.glob("*" + TMP_SUFFIX):
-            p.unlink()  # a segment creation or repair that never completed
-        segs = sorted(
-            int(p.name.removesuffix(SEGMENT_SUFFIX))
-            for p in self.log_dir.iterdir()
-            if p.name.endswith(SEGMENT_SUFFIX) and p.name.removesuffix(SEGMENT_SUFFIX).isdigit()
-        )
-        res: SegmentScan | None = None
+        prepare_dirs(self.root, (self.log_dir, self.bounce_dir))
+        segs, res = recover_log(self.log_dir, self.state, self.recovery)
         for seg in segs:
-            res = self._recover_segment(seg)
-            for rec in res.records:
-                self.state.apply(seg, rec)
-            self.recovery.segments += 1
-            self.recovery.records += len(res.records)
             self._fds[seg] = os.open(self._seg_path(seg), os.O_RDONLY)
         if res is not None and res.seed is not None:
             self._seed = res.seed
@@ -279,122 +197,15 @@ class Spool:
             self._create_segment(segs[-1] + 1 if segs else 1)
         return self
 
-    def _prepare_dirs(self) -> None:
-        """Root, ``log/`` and ``bounces/`` private; each new entry made durable in its parent."""
-        if not self.root.exists():
-            self.root.parent.mkdir(parents=True, exist_ok=True)
-        if _private_dir(self.root):
-            _fsync_dir(self.root.parent)
-        created = [_private_dir(d) for d in (self.log_dir, self.bounce_dir)]
-        if any(created):
-            _fsync_dir(self.root)
-
-    def _recover_segment(self, seg: int) -> SegmentScan:
-        """Scan one segment; keep a copy of a damaged one, then repair it in place.
-
-        A torn tail is cut off (it was never acknowledged). Anything else is
-        CORRUPTION: the original bytes go to ``log/NNNNNNNN.corrupt-<time>``
-        first, then the segment is rewritten with only its valid records, so
-        the damage is reported once and appends never follow garbage.
-        """
-        p = self._seg_path(seg)
-        buf = p.read_bytes()
-        res = scan(buf)
-        if not res.damage:
-            return res
-        rep = self.recovery
-        torn = res.torn
-        corrupt = res.corrupt
-        if torn is not None:
-            rep.torn_tails += 1
-            rep.torn_bytes += torn.length
-            log.warning(
-                "spool: segment %s: torn write at crash, %d bytes at offset %d"
-                " (an append never acknowledged); truncating",
-                p.name,
-                torn.length,
-                torn.offset,
-            )
-        if not corrupt:
-            assert torn is not None
-            with open(p, "r+b") as f:
-                f.truncate(torn.offset)
-                os.fsync(f.fileno())
-            return res
-        rep.corrupt_regions += len(corrupt)
-        rep.corrupt_bytes += sum(d.length for d in corrupt)
-        copy = self._copy_aside(seg, buf)
-        rep.copies.append(copy)
-        log.error(
-            "spool: CORRUPTION in segment %s: %d damaged range(s) (%s), %d record(s) intact;"
-            " records in the damaged ranges are lost unless another copy exists;"
-            " original saved as %s, segment rewritten without them",
-            p.name,
-            len(corrupt),
-            ", ".join(f"{d.length} bytes at {d.offset}" for d in corrupt),
-            len(res.records),
-            copy.name,
-        )
-        head = segment_header(res.seed) if res.seed is not None else b""
-        clean = head + b"".join(buf[r.offset : r.offset + r.length] for r in res.records)
-        tmp = p.with_name(p.name.removesuffix(SEGMENT_SUFFIX) + TMP_SUFFIX)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
-        try:
-            os.fchmod(fd, FILE_MODE)
-            _write_all(fd, clean)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, p)
-        _fsync_dir(self.log_dir)
-        again = scan(clean)
-        if again.damage or len(again.records) != len(res.records):
-            raise RuntimeError(f"spool: repair of segment {p.name} did not verify")
-        return again
-
-    def _copy_aside(self, seg: int, buf: bytes) -> Path:
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        for n in range(1000):
-            name = f"{seg:08d}.corrupt-{stamp}" + (f".{n}" if n else "")
-            p = self.log_dir / name
-            try:
-                fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-            except FileExistsError:
-                continue
-            try:
-                os.fchmod(fd, FILE_MODE)
-                _write_all(fd, buf)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            _fsync_dir(self.log_dir)
-            return p
-        raise FileExistsError(f"no free name for a copy of segment {seg}")
-
     def _seg_path(self, seg: int) -> Path:
-        return self.log_dir / f"{seg:08d}{SEGMENT_SUFFIX}"
+        return seg_path(self.log_dir, seg)
 
     def _create_segment(self, seg: int) -> None:
         """New active segment: header and a checkpoint of received transfer keys, made
         durable under a temporary name first, so a segment file is never half made."""
         p = self._seg_path(seg)
-        if p.exists():
-            raise FileExistsError(f"segment {p} already exists")
-        tmp = p.with_name(p.name.removesuffix(SEGMENT_SUFFIX) + TMP_SUFFIX)
-        wfd = os.open(tmp, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, FILE_MODE)
         head = segment_header(self._seed) + seen_records(self.state.seen, seed=self._seed)
-        try:
-            os.fchmod(wfd, FILE_MODE)
-            _write_all(wfd, head)
-            os.fdatasync(wfd)
-            os.rename(tmp, p)
-            _fsync_dir(self.log_dir)
-        except OSError:
-            # Leave no half-made segment behind: the next rotation retries the same number.
-            os.close(wfd)
-            tmp.unlink(missing_ok=True)
-            p.unlink(missing_ok=True)
-            raise
+        wfd = create_segment_file(p, head)
         if self._wfd >= 0:
             os.close(self._wfd)
         self._wfd = wfd
@@ -602,7 +413,7 @@ class Spool:
         start = self._active_size
         buf = b"".join(it.data for it in items)
         try:
-            _write_all(self._wfd, buf)
+            write_all(self._wfd, buf)
         except OSError:
             self._roll_back(start)
             raise
@@ -677,5 +488,5 @@ class Spool:
         self.state.seg_bytes.pop(seg, None)
         os.close(self._fds.pop(seg))
         self._seg_path(seg).unlink()
-        _fsync_dir(self.log_dir)
+        fsync_dir(self.log_dir)
         log.info("spool: dropped segment %d", seg)
