@@ -173,7 +173,7 @@ def test_replayed_ping_from_another_address_gets_no_answer() -> None:
     ping = sealed_from(y, "x", [codec.Ping(7, "x", "y", Y_ADDR)])
     x.receive_datagram(ping, Y_ADDR, 1.0)
     assert [a for _, a in x.outgoing()] == [Y_ADDR]  # the genuine one is answered
-    x._broadcast_alive(x.local)  # something worth gossiping
+    x._ctx.broadcast_alive(x.local)  # something worth gossiping
     for i in range(20):
         x.receive_datagram(ping, ("6.6.6.6", 6), 1.0 + i * 0.005)
         x.receive_datagram(ping, Y_ADDR, 1.0 + i * 0.005)  # even from the right address
@@ -424,7 +424,7 @@ def test_restart_with_a_clock_stepped_back_is_accepted_once_declared_dead() -> N
     )
     x.receive_datagram(sealed_from(y2, "x", [codec.Ping(1, "x", "y", Y_ADDR)]), Y_ADDR, 2.0)
     assert x.outgoing() == [] and x.counters["dropped_replay"] == 1
-    x._on_dead(codec.Dead(0, "y", "x"), 2.1)  # its old boot is declared dead
+    x._transitions.on_dead(codec.Dead(0, "y", "x"), 2.1)  # its old boot is declared dead
     x.receive_datagram(sealed_from(y2, "x", [codec.Ping(2, "x", "y", Y_ADDR)]), Y_ADDR, 2.2)
     assert [a for _, a in x.outgoing()] == [Y_ADDR]
 

@@ -142,7 +142,7 @@ def test_refutation_with_higher_incarnation() -> None:
     net, nodes = cluster(3)
     victim = nodes[2]
     inc = victim.members()["n2"].incarnation
-    nodes[0]._on_suspect(codec.Suspect(inc, "n2", "n0"), net.now)  # a false suspicion
+    nodes[0]._transitions.on_suspect(codec.Suspect(inc, "n2", "n0"), net.now)  # a false suspicion
     assert state(nodes[0], "n2") == State.SUSPECT
     net.pump()
     assert victim.members()["n2"].incarnation == inc + 1
@@ -254,7 +254,7 @@ def test_drops_are_counted_by_reason() -> None:
 def test_replayed_packets_are_harmless() -> None:
     net, nodes = cluster(3)
     # record everything (including a suspicion, its refutation and a leave) ...
-    nodes[0]._on_suspect(codec.Suspect(nodes[2].local.incarnation, "n2", "n0"), net.now)
+    nodes[0]._transitions.on_suspect(codec.Suspect(nodes[2].local.incarnation, "n2", "n0"), net.now)
     net.pump()
     net.run(3.0)
     nodes[1].leave(net.now)
@@ -334,11 +334,11 @@ def test_unreachable_hint_only_hastens_indirect_probe() -> None:
     net.down.add("n1")
     net.down.add("n2")  # nobody answers: we look at a's own outputs only
     # advance to the start of a's next probe
-    first = a._probe.seq if a._probe is not None else None
-    while a._probe is None or a._probe.seq == first:
+    first = a._probes.probe.seq if a._probes.probe is not None else None
+    while a._probes.probe is None or a._probes.probe.seq == first:
         net.now = a.next_deadline()
         a.tick(net.now)
-    p = a._probe
+    p = a._probes.probe
     target = a.table.get(p.target)
     assert target is not None
     a.outgoing()

@@ -15,6 +15,8 @@ from typing import Literal
 
 from attrs import Factory, field, frozen
 
+from duravip.swim.settings import Timers as Timers
+
 Profile = Literal["lan", "fast", "wan"]
 Quorum = Literal["none", "majority"]
 BareNewline = Literal["reject", "normalize"]
@@ -49,30 +51,9 @@ class SourceLoc:
         return f"{self.file}:{self.line}:{self.col}"
 
 
-@frozen
-class Timers:
-    """SWIM / Lifeguard timers, in seconds unless noted.
-
-    A preset (``profile``) fills every field; each can be overridden in the
-    ``cluster`` stanza under the same name. See ``docs/membership.md``.
-    """
-
-    probe_interval: float
-    probe_timeout: float
-    indirect_checks: int
-    retransmit_mult: int
-    suspicion_mult: float
-    suspicion_max_timeout_mult: float
-    gossip_interval: float
-    gossip_nodes: int
-    push_pull_interval: float
-    awareness_max_multiplier: int
-    dead_node_reclaim_time: float
-    gossip_to_the_dead_time: float
-    mtu: int = 1400
-
-
-#: Timer presets. ``fast`` aims at ~250 ms crash detection on a LAN.
+#: Timer presets. ``fast`` aims at ~250 ms crash detection on a LAN. ``Timers`` is the
+#: SWIM core's own settings class: a preset (``profile``) fills every field, and each
+#: can be overridden in the ``cluster`` stanza under the same name.
 PRESETS: Mapping[str, Timers] = {
     "lan": Timers(
         probe_interval=0.4,

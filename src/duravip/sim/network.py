@@ -18,10 +18,10 @@ from typing import Any, Literal
 import trio
 from attrs import define, field
 
-from duravip.config.model import Timers
 from duravip.swim.core import StreamRequest, Swim
 from duravip.swim.crypto import Keyring
 from duravip.swim.members import Addr, MemberEvent, State
+from duravip.swim.settings import Timers
 
 NodeStatus = Literal["up", "paused", "crashed", "left"]
 #: Packets a paused node's socket buffer holds; later ones are dropped.

@@ -25,10 +25,10 @@ import trio
 import trio_util
 from attrs import frozen
 
-from duravip.config.model import Timers
 from duravip.swim.core import StreamRequest, Swim
 from duravip.swim.crypto import Keyring
 from duravip.swim.members import Addr, Member
+from duravip.swim.settings import Timers
 
 log = logging.getLogger(__name__)
 

@@ -12,12 +12,9 @@ import random
 from collections import OrderedDict
 from collections.abc import Iterator
 from enum import StrEnum
-from ipaddress import IPv4Address
 from typing import Literal, NamedTuple
 
 from attrs import frozen
-
-from duravip.config.model import HostPort
 
 Addr = tuple[str, int]
 
@@ -49,10 +46,6 @@ class Member:
     state_since: float
     #: False while a newer announced version is still being fetched.
     meta_current: bool = True
-
-    @property
-    def hostport(self) -> HostPort:
-        return HostPort(IPv4Address(self.addr[0]), self.addr[1])
 
 
 @frozen
