@@ -18,6 +18,7 @@ from typing import Any, Literal
 import trio
 from attrs import define, field
 
+from duravip.sim.attacker import Attacker
 from duravip.swim.core import StreamRequest, Swim
 from duravip.swim.crypto import Keyring
 from duravip.swim.members import Addr, MemberEvent, State
@@ -27,8 +28,6 @@ NodeStatus = Literal["up", "paused", "crashed", "left"]
 #: Packets a paused node's socket buffer holds; later ones are dropped.
 PAUSED_QUEUE = 4096
 _DELIVER, _TICK, _STREAM_ARRIVE, _STREAM_DONE, _CALL, _REPLAY = range(6)
-#: Captured datagrams an attacker keeps (the most recent ones).
-ATTACKER_STOCK = 64
 
 
 @define(eq=False)
@@ -41,30 +40,6 @@ class SimNode:
     inbox: list[Callable[[], None]] = field(factory=list)
     last_tick: float = -1.0
     spins: int = 0
-
-
-@define(eq=False)
-class Attacker:
-    """A host on the LAN without the key: it records every sealed datagram it sees
-    (as it reaches its destination) and re-sends captured ones every ``interval``
-    seconds, once from its own address and once with the original sender's address
-    forged as the source.
-
-    It has its own RNG and its packets are never lost or delayed by the network's
-    RNG, so the same seed gives the same run with or without it, except for what
-    the replays themselves cause.
-    """
-
-    addr: Addr
-    interval: float
-    burst: int
-    rng: random.Random
-    #: (datagram, destination, original source)
-    captured: list[tuple[bytes, Addr, Addr]] = field(factory=list)
-    #: the first datagram seen towards each address (typically a ping), kept for good
-    first: dict[Addr, tuple[bytes, Addr]] = field(factory=dict)
-    sent: int = 0
-    stop_at: float = math.inf
 
 
 @define
@@ -378,31 +353,19 @@ class Simulation:
     def _replay(self, att: Attacker) -> None:
         if self.now >= att.stop_at:
             return
-        stock = att.captured
-        if stock:
-            targets = [nd for nd in self.nodes.values() if nd.status == "up"]
-            first = [(d, a, src) for a, (d, src) in att.first.items()]
-            for data, dst_addr, src in [*first, *stock[-att.burst :]]:
-                dests = [dst_addr]
-                if targets:
-                    dests.append(att.rng.choice(targets).addr)
-                for a in dests:
-                    dst = self.by_addr.get(a)
-                    if dst is None:
-                        continue
-                    for source in (att.addr, src):
-                        att.sent += 1
-                        # fixed delay, no loss: the network RNG is left untouched
-                        self._push(self.now + self.delay, _DELIVER, (dst, data, source))
+        targets = [nd.addr for nd in self.nodes.values() if nd.status == "up"]
+        for data, addr, source in att.volley(targets):
+            dst = self.by_addr.get(addr)
+            if dst is None:
+                continue
+            att.sent += 1
+            # fixed delay, no loss: the network RNG is left untouched
+            self._push(self.now + self.delay, _DELIVER, (dst, data, source))
         self._push(self.now + att.interval, _REPLAY, att)
 
     def _deliver(self, dst: SimNode, data: bytes, src: Addr) -> None:
         for att in self.attackers:
-            if src != att.addr and (data, dst.addr, src) not in att.captured:
-                att.first.setdefault(dst.addr, (data, src))
-                att.captured.append((data, dst.addr, src))
-                if len(att.captured) > ATTACKER_STOCK:
-                    del att.captured[0]
+            att.capture(data, dst.addr, src)
         if dst.status == "paused":
             if len(dst.inbox) < PAUSED_QUEUE:
                 dst.inbox.append(lambda: dst.swim.receive_datagram(data, src, self.now))
