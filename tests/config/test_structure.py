@@ -5,19 +5,27 @@ from __future__ import annotations
 import socket
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
 from duravip.config import (
     PRESETS,
+    Binding,
     CheckResult,
+    ClusterConfig,
     ConfigError,
     DuraVip,
     HostPort,
+    Listener,
     SourceLoc,
+    Topology,
     check_text,
     loads,
 )
+from duravip.config.derive import derive
+from duravip.config.parser import Assign, Stanza, parse
+from duravip.config.reader import MISSING, StanzaReader, field_types, shape, suggest
 
 
 def ip(s: str) -> IPv4Address:
@@ -289,3 +297,134 @@ def test_every_error_is_reported_at_once() -> None:
         loads(text, "m.conf")
     assert [str(d.loc) for d in info.value.errors] == ["m.conf:1:48", "m.conf:2:2", "m.conf:3:1"]
     assert "and 2 more errors" in str(info.value)
+
+
+# ------------------------------------------------ derive: the derived DuraVIPs
+
+
+def _cluster(*nets: str) -> ClusterConfig:
+    return ClusterConfig(
+        name="c",
+        node_name="n1",
+        gossip_address=hp("10.1.0.11:4801"),
+        topology=tuple(Topology(network=IPv4Network(n), interface="eth1") for n in nets),
+    )
+
+
+def test_derive_upgrades_plain_services_only_inside_a_topology_and_not_held() -> None:
+    loc = SourceLoc("t", 3, 1)
+    listeners = [
+        Listener(hp("10.1.1.1:25"), enable_duravip=True, duravip_preference="n2"),
+        Listener(hp("10.1.1.1:587"), loc=loc),  # same IP, plain: upgraded
+        Listener(hp("10.9.0.1:25"), enable_duravip=True),  # outside any Topology
+        Listener(hp("10.9.0.1:587")),  # not upgradable: stays plain
+        Listener(hp("10.1.1.5:25")),  # held by the node itself
+    ]
+    bindings = [
+        Binding("out", bind_address=ip("10.1.1.1"), duravip_preference="n3"),
+        Binding("mine", bind_address=ip("10.1.1.5"), enable_duravip=True),
+    ]
+    got_l, got_b, vips, notes = derive(listeners, bindings, _cluster("10.1.1.0/24"), {ip("10.1.1.5")})
+    assert [lst.enable_duravip for lst in got_l] == [True, True, True, False, False]
+    assert [b.enable_duravip for b in got_b] == [True, True]
+    assert list(vips) == [ip("10.1.1.1"), ip("10.1.1.5"), ip("10.9.0.1")]  # sorted by value
+    assert vips[ip("10.1.1.1")] == DuraVip(
+        ip=ip("10.1.1.1"), listener_ports=(25, 587), binding="out", preference="n3", follows=None
+    )  # a binding's preference wins over a listener's
+    assert vips[ip("10.9.0.1")].listener_ports == (25,)
+    assert vips[ip("10.1.1.5")].listener_ports == () and vips[ip("10.1.1.5")].binding == "mine"
+    assert [(d.severity, d.loc) for d in notes] == [("info", loc), ("info", None)]
+    assert "listener 10.1.1.1:587 upgraded" in notes[0].message
+    assert "binding 'out' upgraded" in notes[1].message
+
+
+def test_derive_resolves_follow_by_name_or_ip_and_leaves_unknown_targets() -> None:
+    listeners = [
+        Listener(hp("10.1.1.1:25"), duravip_follow="OUT"),
+        Listener(hp("10.1.1.2:25"), duravip_follow="10.1.1.9"),
+        Listener(hp("10.1.1.3:25"), duravip_follow="nobody"),
+    ]
+    bindings = [Binding("out", bind_address=ip("10.1.1.9"))]
+    got_l, _, vips, _ = derive(listeners, bindings, _cluster(), set())
+    assert [lst.duravip_follow for lst in got_l] == ["out", "out", "nobody"]
+    assert vips[ip("10.1.1.1")].follows == "out" and vips[ip("10.1.1.3")].follows == "nobody"
+    assert ip("10.1.1.9") not in vips  # the binding is not a DuraVIP itself
+
+
+# ------------------------------------------ reader: generic values and blocks
+
+
+def _block(text: str) -> Stanza:
+    [st] = parse(text, "t").items
+    assert isinstance(st, Stanza)
+    return st
+
+
+def test_reader_converts_typed_values_and_records_where_they_were() -> None:
+    r = StanzaReader()
+    keys = {"port": int, "names": tuple[str, ...], "mode": int, "kind": Literal["a", "b"]}
+    values, subs = r.section(
+        _block('X { port = 25 names = ( "a" "b" ) mode = "0640" kind = B Sub { } }'),
+        keys,
+        ("Sub",),
+        ("x",),
+    )
+    assert values == {"port": 25, "names": ("a", "b"), "mode": 0o640, "kind": "b"}
+    assert [s.name for s in subs] == ["Sub"] and r.diags == []
+    assert r.locs[("x", "port")] == SourceLoc("t", 1, 5)
+
+
+def test_reader_reports_every_problem_with_a_hint() -> None:
+    r = StanzaReader()
+    keys = {"port": int, "kind": Literal["alpha", "beta"]}
+    values, subs = r.section(
+        _block("X { prot = 1 port = x kind = alhpa kind = beta Listen = 1 port { } }"),
+        keys,
+        ("Listen",),
+        (),
+    )
+    assert values == {} and subs == []
+    assert [(d.severity, d.message, d.hint) for d in r.diags] == [
+        ("error", "unknown key 'prot' in X", "did you mean 'port'?"),
+        ("error", "invalid value for 'port': expected an integer, got 'x'", None),
+        ("error", "invalid value 'alhpa' for 'kind'", "did you mean 'alpha'?"),
+        ("error", "duplicate key 'kind' in X", "first set at line 1 col 23"),
+        ("error", "unknown key 'Listen' in X", "'Listen' is a block: write Listen ... { }"),
+        ("error", "unknown block 'port' in X", "'port' is a key: write port = value"),
+    ]
+
+
+def test_reader_checks_block_shapes() -> None:
+    r = StanzaReader()
+    assert r.want_block(_block('X "arg" { }'), arg=True)
+    assert not r.want_block(_block("X { }"), arg=True)
+    assert not r.want_block(_block('X "arg" { }'), arg=False)
+    twice = [_block("X { }"), _block("X { }")]
+    assert r.single(twice, "X") is twice[0] and r.single([], "X") is None
+    assert [d.message for d in r.diags] == [
+        "'X' needs an argument",
+        "'X' takes no argument",
+        "'X' given twice",
+    ]
+    body = _block('X { k = ( "1" "y" ) }').body
+    assert body is not None
+    [assign] = body
+    assert isinstance(assign, Assign)
+    assert r.convert(assign.value, tuple[int, ...], "k") is MISSING  # one bad item: all of it
+    assert r.diags[-1].message == "invalid value for 'k': expected an integer, got 'y'"
+
+
+def test_suggest_names_the_closest_or_lists_the_choices() -> None:
+    assert suggest("Enable_Duravp", ["Enable_Duravip", "Duravip_Follow"]) == (
+        "did you mean 'Enable_Duravip'?"
+    )
+    assert suggest("zzz", ["b", "A"]) == "expected one of: A, b"
+    assert suggest("zzz", []) is None
+
+
+def test_shape_of_field_types() -> None:
+    assert shape(tuple[int, ...])[:2] == ("tuple", int)
+    assert shape(Literal["x", "y"])[:2] == ("literal", ("x", "y"))
+    kind, tp, hook = shape(int | None)
+    assert (kind, tp) == ("scalar", int) and hook("7", int) == 7
+    assert "loc" not in field_types(Listener) and field_types(Listener)["address"] is HostPort
