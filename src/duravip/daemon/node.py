@@ -111,6 +111,15 @@ class Node:
             snapshot=AsyncValue(ClusterSnapshot(local=config.cluster.node_name, states={}, views={})),
         )
         self.registry = metrics.Registry()
+        self.telemetry = NodeMetrics(
+            self.registry,
+            MetricsContext(
+                member_states=lambda: self.state.snapshot.value.states.values(),
+                configured=lambda: len(self.config.duravips),
+                held=lambda: len(self.state.held),
+                views_dropped=lambda: self.state.views_dropped,
+            ),
+        )
         self.shutdown_requested = trio.Event()
         self.exit_code = 0
         self._tracker = ViewTracker(config.cluster.node_name)
@@ -173,6 +182,8 @@ class Node:
                     )
                 )
                 nursery.start_soon(self._unplumb_on_exit, plumbing)
+                # The plumbing worker keeps no counters yet (the family renders empty).
+                self.telemetry.add_plumbing(dict)
                 mail = await nursery.start(
                     partial(
                         serve_mail,
@@ -181,6 +192,7 @@ class Node:
                         keyring_keys=lambda: self.state.keyring.keys,
                     )
                 )
+                self.telemetry.add_mail(lambda: mail.counters, mail.mailq)
                 waiting_mail.release()
                 mail_cmds.register(registry, mail_cmds.MailContext(mailq=mail.mailq))
                 listeners = await nursery.start(
@@ -191,6 +203,7 @@ class Node:
                         settings=ServerSettings(hostname=self.name, limits=c.smtp),
                     )
                 )
+                self.telemetry.add_smtp(lambda: listeners.counters)
                 membership = await nursery.start(
                     partial(
                         serve_membership,
@@ -203,6 +216,7 @@ class Node:
                         meta=encode(self.local_view(mature=False, held=frozenset())),
                     )
                 )
+                self.telemetry.add_swim(lambda: membership.counters)
                 waiting_members.release()
                 cluster_cmds.register(
                     registry, cluster_cmds.ClusterContext(self.state, membership.snapshot)
@@ -232,12 +246,12 @@ class Node:
                     membership=membership,
                     resolver=resolver,
                 )
-                telemetry = NodeMetrics(self.registry, self._metrics_context(services))
+                self.telemetry.add_election(resolver.stats)
                 waiting_resolver.release()
                 self._register_steering(registry, services)
                 nursery.start_soon(self._follow_membership, services)
                 nursery.start_soon(self._follow_decisions, services)
-                nursery.start_soon(self._follow_held, services, telemetry)
+                nursery.start_soon(self._follow_held, services)
                 nursery.start_soon(self._reannounce_loop, services)
                 nursery.start_soon(self._notify_ready, services)
                 log.info("node started", extra={"fields": {"members": len(self.state.snapshot.value.states)}})
@@ -256,21 +270,6 @@ class Node:
         reload_cmds.register(
             registry,
             reload_cmds.ReloadContext(reload=partial(self.reload, s), path=lambda: self.state.path),
-        )
-
-    def _metrics_context(self, s: Services) -> MetricsContext:
-        return MetricsContext(
-            member_states=lambda: self.state.snapshot.value.states.values(),
-            configured=lambda: len(self.config.duravips),
-            held=lambda: len(s.resolver.held.value),
-            views_dropped=lambda: self.state.views_dropped,
-            resolver=s.resolver.stats,
-            swim=lambda: s.membership.counters,
-            # The plumbing worker keeps no counters yet (the family renders empty).
-            plumbing=dict,
-            smtp=lambda: s.listeners.counters,
-            mail=lambda: s.mail.counters,
-            queues=s.mail.mailq,
         )
 
     async def _unplumb_on_exit(self, plumbing: PlumbingWorker) -> None:
@@ -368,7 +367,7 @@ class Node:
             self.state.decisions = decisions
             self._route_mail(s)
 
-    async def _follow_held(self, s: Services, telemetry: NodeMetrics) -> None:
+    async def _follow_held(self, s: Services) -> None:
         """Mirror the held set; feed the failover histogram (an acquire returned).
 
         Decisions change before the acquisition finishes, so following them
@@ -376,7 +375,7 @@ class Node:
         """
         async for held in s.resolver.held.eventual_values():
             self.state.held = held
-            telemetry.observe_takeovers()
+            self.telemetry.observe_takeovers(s.resolver.stats)
 
     def _route_mail(self, s: Services) -> None:
         snap = self.state.snapshot.value

@@ -2,9 +2,10 @@
 
 Services keep plain ``dict[str, int]`` counters (cheap on hot paths, no
 metrics import in sans-IO cores); this module exposes them in Prometheus
-form without copying, so a scrape always sees current values. It is built
-once every service has started (a scrape before that renders no series), from
-a :class:`MetricsContext` of plain readers: it never sees the node itself.
+form without copying, so a scrape always sees current values. It never sees
+the node: the families that read the node's state are registered at once
+(:class:`MetricsContext`), each service's family when that service has
+started (``add_*``), so a scrape during start-up shows what runs so far.
 """
 
 from __future__ import annotations
@@ -30,24 +31,17 @@ class _CollectedCounter(Gauge):
 
 @frozen
 class MetricsContext:
-    """Readers for every series (each called at render time)."""
+    """Readers of the node's own state (each called at render time)."""
 
     member_states: Callable[[], Iterable[State]]
     configured: Callable[[], int]
     held: Callable[[], int]
     views_dropped: Callable[[], int]
-    resolver: ResolverStats
-    swim: Counters
-    plumbing: Counters
-    smtp: Counters
-    mail: Counters
-    queues: Callable[[], Iterable[MailqRow]]
 
 
 class NodeMetrics:
     def __init__(self, registry: Registry, ctx: MetricsContext) -> None:
         self.registry = registry
-        self.ctx = ctx
         self._last_takeover_at = float("-inf")
         r = registry
         r.gauge("duravip_members", "cluster members by SWIM state", ["state"]).set_collector(
@@ -71,35 +65,47 @@ class NodeMetrics:
                 callback=lambda: float(ctx.views_dropped()),
             )
         )
+
+    # One per service, called once that service has started (in start order).
+
+    def add_plumbing(self, counters: Counters) -> None:
+        self._dict_counter(
+            "duravip_plumbing_total", "plumbing operations and errors", "counter", counters
+        )
+
+    def add_mail(self, counters: Counters, queues: Callable[[], Iterable[MailqRow]]) -> None:
+        self._dict_counter(
+            "duravip_mail_total", "spool, delivery and mmove (ECmmove2) counters", "counter",
+            counters,
+        )
+        self.registry.gauge(
+            "duravip_queue_messages", "queued messages", ["binding", "state"]
+        ).set_collector(lambda: _queue(queues()))
+
+    def add_smtp(self, counters: Counters) -> None:
+        self._dict_counter(
+            "duravip_smtp_total", "SMTP sessions, messages and rejects", "counter", counters
+        )
+
+    def add_swim(self, counters: Counters) -> None:
         self._dict_counter(
             "duravip_swim_dropped_packets_total", "gossip packets and streams dropped, by reason",
-            "reason", lambda: _prefixed(ctx.swim(), "dropped_"),
+            "reason", lambda: _prefixed(counters(), "dropped_"),
         )
         self._dict_counter(
             "duravip_swim_total", "SWIM protocol counters", "counter",
-            lambda: {k: v for k, v in ctx.swim().items() if not k.startswith("dropped_")},
-        )
-        self._dict_counter(
-            "duravip_election_total", "elections and moves of this node's resolver", "counter",
-            lambda: _resolver_stats(ctx.resolver),
-        )
-        self._dict_counter(
-            "duravip_plumbing_total", "plumbing operations and errors", "counter", ctx.plumbing
-        )
-        self._dict_counter(
-            "duravip_smtp_total", "SMTP sessions, messages and rejects", "counter", ctx.smtp
-        )
-        self._dict_counter(
-            "duravip_mail_total", "spool, delivery and mmove (ECmmove2) counters", "counter",
-            ctx.mail,
-        )
-        r.gauge("duravip_queue_messages", "queued messages", ["binding", "state"]).set_collector(
-            lambda: _queue(ctx.queues())
+            lambda: {k: v for k, v in counters().items() if not k.startswith("dropped_")},
         )
 
-    def observe_takeovers(self) -> None:
+    def add_election(self, stats: ResolverStats) -> None:
+        self._dict_counter(
+            "duravip_election_total", "elections and moves of this node's resolver", "counter",
+            lambda: _resolver_stats(stats),
+        )
+
+    def observe_takeovers(self, stats: ResolverStats) -> None:
         """Move takeover latencies the resolver recorded since last time into the histogram."""
-        recent = self.ctx.resolver.recent
+        recent = stats.recent
         for t in recent:
             if t.at > self._last_takeover_at and t.latency is not None:
                 self.failover_seconds.observe(t.latency)
