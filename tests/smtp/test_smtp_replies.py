@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from duravip.smtp.replies import (
+    OK,
+    OK_RECIPIENT,
+    OK_SENDER,
+    START_MAIL_INPUT,
     ehlo_reply,
     greeting,
     reply,
@@ -32,3 +36,9 @@ def test_fixed_lines_name_the_host() -> None:
     assert timed_out("n1") == b"421 4.4.2 n1 Error: timeout exceeded\r\n"
     assert too_many_errors("n1") == b"421 4.7.0 n1 Error: too many errors\r\n"
     assert too_many_connections("n1").startswith(b"421 4.7.0 n1 ")
+
+
+def test_precomputed_replies_equal_their_formatted_form() -> None:
+    assert OK == reply(250, "2.0.0", "Ok") == b"250 2.0.0 Ok\r\n"
+    assert OK_SENDER == b"250 2.1.0 Ok\r\n" and OK_RECIPIENT == b"250 2.1.5 Ok\r\n"
+    assert START_MAIL_INPUT == b"354 End data with <CR><LF>.<CR><LF>\r\n"

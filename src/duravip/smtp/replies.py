@@ -10,6 +10,10 @@ from collections.abc import Sequence
 
 __all__ = [
     "HELP_TEXT",
+    "OK",
+    "OK_RECIPIENT",
+    "OK_SENDER",
+    "START_MAIL_INPUT",
     "ehlo_reply",
     "greeting",
     "raw_line",
@@ -31,6 +35,13 @@ def reply(code: int, enhanced: str, text: str) -> bytes:
 def raw_line(line: str) -> bytes:
     """A reply line given whole (no enhanced code: banner, HELO, 354, 421s)."""
     return line.encode("utf-8", "replace") + b"\r\n"
+
+
+#: The replies of every transaction, encoded once (the hot path appends them as is).
+OK = reply(250, "2.0.0", "Ok")
+OK_SENDER = reply(250, "2.1.0", "Ok")
+OK_RECIPIENT = reply(250, "2.1.5", "Ok")
+START_MAIL_INPUT = raw_line("354 End data with <CR><LF>.<CR><LF>")
 
 
 def greeting(hostname: str) -> bytes:

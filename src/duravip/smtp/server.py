@@ -48,6 +48,10 @@ from duravip.smtp.parsing import (
 )
 from duravip.smtp.replies import (
     HELP_TEXT,
+    OK,
+    OK_RECIPIENT,
+    OK_SENDER,
+    START_MAIL_INPUT,
     ehlo_reply,
     greeting,
     raw_line,
@@ -313,7 +317,7 @@ class SmtpServer:
         addr, params = parsed
         self._mail_from = addr
         self._mail_params = params
-        self._reply(250, "2.1.0", "Ok")
+        self._out.append(OK_SENDER)
 
     def _rcpt(self, arg: str) -> None:
         if self._mail_from is None:
@@ -328,7 +332,7 @@ class SmtpServer:
             self._reply(452, "4.5.3", "Error: too many recipients")
             return
         self._rcpts.append(addr)
-        self._reply(250, "2.1.5", "Ok")
+        self._out.append(OK_RECIPIENT)
 
     def _data_cmd(self, arg: str) -> None:
         if arg:
@@ -341,7 +345,7 @@ class SmtpServer:
             else:
                 self._error(503, "5.5.1", "Error: need RCPT command")
         else:
-            self._out.append(raw_line("354 End data with <CR><LF>.<CR><LF>"))
+            self._out.append(START_MAIL_INPUT)
             self._state = _DATA
 
     def _rset(self, arg: str) -> None:
@@ -349,10 +353,10 @@ class SmtpServer:
             self._error(501, "5.5.4", "Syntax: RSET")
             return
         self._reset_transaction()
-        self._reply(250, "2.0.0", "Ok")
+        self._out.append(OK)
 
     def _noop(self, arg: str) -> None:
-        self._reply(250, "2.0.0", "Ok")
+        self._out.append(OK)
 
     def _quit(self, arg: str) -> None:
         if arg:
