@@ -195,6 +195,10 @@ class Node:
                 self.telemetry.add_mail(lambda: mail.counters, mail.mailq)
                 waiting_mail.release()
                 mail_cmds.register(registry, mail_cmds.MailContext(mailq=mail.mailq))
+                # Wiring point (issue 16, lead): a DuraVIP listener that stops for
+                # good should reach resolver.withdraw(ip). It only runs after an
+                # acquire, but the resolver starts later than the listeners: route
+                # the callback through a channel drained once Services exist.
                 listeners = await nursery.start(
                     partial(
                         serve_listeners,
