@@ -1,0 +1,117 @@
+"""swim.metasync on its own: fetch, verify, back off, alternate sources, serve."""
+
+from __future__ import annotations
+
+import random
+
+from duravip.swim import codec
+from duravip.swim.codec import MetaRequest, MetaResponse
+from duravip.swim.context import Context, meta_digest
+from duravip.swim.crypto import Keyring
+from duravip.swim.members import Addr, NodeState, State
+from duravip.swim.metasync import META_BACKOFF_MIN, MetaSync
+from duravip.swim.settings import Timers
+
+KEY = Keyring([b"0123456789abcdef0123456789abcdef"])
+T = Timers(0.4, 0.2, 3, 4, 1.5, 6.0, 0.1, 3, 30.0, 8, 30.0, 30.0)
+VIEW = b"view of a" * 10
+
+
+def addr(i: int) -> Addr:
+    return (f"10.0.0.{i + 1}", 4801)
+
+
+def make(*peers: str) -> MetaSync:
+    ctx = Context(
+        name="x",
+        addr=addr(0),
+        cluster="c",
+        timers=T,
+        keyring=KEY,
+        meta=b"mine",
+        rng=random.Random(1),
+        now=0.0,
+        epoch=1,
+    )
+    for i, p in enumerate(peers, 1):
+        ctx.table.add(NodeState(p, addr(i), 0, 0.0))
+    ctx.events.clear()
+    return MetaSync(ctx)
+
+
+def announce(ms: MetaSync, name: str, meta: bytes, version: int = 1) -> NodeState:
+    node = ms.ctx.table.get(name)
+    assert node is not None
+    node.meta_version, node.meta_digest, node.meta_len = version, meta_digest(meta), len(meta)
+    return node
+
+
+def requests(ms: MetaSync) -> list[tuple[int, Addr, MetaRequest]]:
+    out = []
+    for r in ms.ctx.streams:
+        msg = codec.decode_stream(KEY.open(r.data, "c", b"tcp").plaintext)
+        assert r.kind == "meta" and isinstance(msg, MetaRequest)
+        out.append((r.id, r.addr, msg))
+    ms.ctx.streams.clear()
+    return out
+
+
+def test_an_announced_view_is_fetched_once_and_taken_if_it_matches() -> None:
+    ms = make("a")
+    node = announce(ms, "a", VIEW)
+    ms.want(node, 1.0)
+    ms.want(node, 1.0)  # already being fetched
+    [(rid, to, req)] = requests(ms)
+    assert to == addr(1) and req == MetaRequest("a", 1, meta_digest(VIEW))
+    ms.done("a", rid, MetaResponse("a", True, 1, meta_digest(VIEW), VIEW), 1.1)
+    assert node.meta == VIEW and node.meta_current
+    assert [e.kind for e in ms.ctx.events] == ["meta-changed"]
+    assert ms.fetches == {} and ms.ctx.counters["meta_fetched"] == 1
+
+
+def test_the_empty_view_needs_no_fetch() -> None:
+    ms = make("a")
+    node = announce(ms, "a", b"", version=3)
+    ms.want(node, 1.0)
+    assert requests(ms) == [] and node.meta_current and node.meta == b""
+
+
+def test_bytes_that_do_not_hash_to_the_digest_are_refused_and_retried_elsewhere() -> None:
+    ms = make("a", "b")
+    node = announce(ms, "a", VIEW)
+    ms.want(node, 1.0)
+    [(rid, _, _)] = requests(ms)
+    forged = MetaResponse("a", True, 1, meta_digest(VIEW), b"forged")
+    ms.done("a", rid, forged, 1.0)
+    assert node.meta == b"" and ms.ctx.counters["meta_fetch_failed"] == 1
+    retry = ms.fetches["a"].retry_at
+    assert retry is not None and 1.0 + META_BACKOFF_MIN / 2 <= retry <= 1.0 + META_BACKOFF_MIN
+    assert ms.next_deadline(99.0) == retry
+    ms.tick(retry - 1e-6)
+    assert requests(ms) == []
+    ms.tick(retry)
+    [(rid2, to, _)] = requests(ms)
+    assert to == addr(2)  # after an odd number of failures: another member that may hold it
+    ms.done("a", rid, None, retry)  # a late answer to the old request: ignored
+    assert ms.fetches["a"].inflight == rid2
+
+
+def test_a_dead_members_fetch_is_dropped() -> None:
+    ms = make("a")
+    node = announce(ms, "a", VIEW)
+    ms.want(node, 1.0)
+    [(rid, _, _)] = requests(ms)
+    node.state = State.DEAD
+    ms.done("a", rid, None, 1.1)
+    assert ms.fetches == {}
+
+
+def test_serve_gives_only_the_exact_version_held() -> None:
+    ms = make("a")
+    mine = ms.serve(MetaRequest("x", 7, 7))  # our own view: always the current one
+    assert mine.found and mine.meta == b"mine" and mine.digest == meta_digest(b"mine")
+    node = announce(ms, "a", VIEW)
+    node.meta, node.have_version, node.have_digest = VIEW, 1, meta_digest(VIEW)
+    assert ms.serve(MetaRequest("a", 1, meta_digest(VIEW))).meta == VIEW
+    assert not ms.serve(MetaRequest("a", 2, meta_digest(VIEW))).found
+    assert not ms.serve(MetaRequest("nobody", 1, 1)).found

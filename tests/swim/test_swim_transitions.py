@@ -1,0 +1,161 @@
+"""swim.transitions on its own: incarnation rules, refutation, suspicion timers, reaping."""
+
+from __future__ import annotations
+
+import random
+
+from duravip.swim import codec
+from duravip.swim.codec import Alive, Dead, Suspect
+from duravip.swim.context import Context
+from duravip.swim.crypto import Keyring
+from duravip.swim.members import Addr, NodeState, State
+from duravip.swim.metasync import MetaSync
+from duravip.swim.replay import ReplayGuard
+from duravip.swim.settings import Timers
+from duravip.swim.transitions import Transitions
+
+KEY = Keyring([b"0123456789abcdef0123456789abcdef"])
+T = Timers(0.4, 0.2, 3, 4, 1.5, 6.0, 0.1, 3, 30.0, 8, 30.0, 30.0)
+
+
+def addr(i: int) -> Addr:
+    return (f"10.0.0.{i + 1}", 4801)
+
+
+def make(*peers: str) -> tuple[Transitions, list[str]]:
+    ctx = Context(
+        name="x",
+        addr=addr(0),
+        cluster="c",
+        timers=T,
+        keyring=KEY,
+        meta=b"",
+        rng=random.Random(1),
+        now=0.0,
+        epoch=1,
+    )
+    for i, p in enumerate(peers, 1):
+        ctx.table.add(NodeState(p, addr(i), 0, 0.0))
+    ctx.events.clear()
+    soon: list[str] = []
+    return Transitions(ctx, MetaSync(ctx), ReplayGuard(), soon.append), soon
+
+
+def sent(ctx: Context) -> list[tuple[Addr, list[codec.Message]]]:
+    out = [
+        (a, codec.decode_packet(KEY.open(d, "c", b"udp").plaintext).messages) for d, a in ctx.out
+    ]
+    ctx.out.clear()
+    return out
+
+
+def kinds(ctx: Context) -> list[tuple[str, str]]:
+    out = [(e.kind, e.member.name) for e in ctx.events]
+    ctx.events.clear()
+    return out
+
+
+def test_a_new_member_joins_and_its_view_is_fetched() -> None:
+    tr, _ = make()
+    tr.on_alive(Alive(3, "a", addr(1), 2, 1234, 10), 1.0)
+    node = tr.ctx.table.get("a")
+    assert node is not None and node.state == State.ALIVE and node.incarnation == 3
+    assert kinds(tr.ctx) == [("joined", "a")]
+    assert tr.ctx.broadcasts.pending("a") is not None
+    [req] = tr.ctx.streams
+    assert req.kind == "meta" and req.addr == addr(1)
+
+
+def test_alive_needs_a_higher_incarnation() -> None:
+    tr, _ = make("a")
+    tr.ctx.table.get("a").incarnation = 5
+    tr.on_alive(Alive(4, "a", addr(1), 0, 0, 0), 1.0)
+    assert tr.ctx.counters["dropped_stale"] == 1
+    tr.on_alive(Alive(5, "a", addr(1), 0, 0, 0), 1.0)  # same: silently nothing new
+    assert tr.ctx.counters["dropped_stale"] == 1 and kinds(tr.ctx) == []
+
+
+def test_alive_after_a_tombstone_needs_a_higher_incarnation() -> None:
+    tr, _ = make("a")
+    tr.on_dead(Dead(2, "a", "b"), 1.0)
+    tr.ctx.table.forget("a")
+    tr.on_alive(Alive(2, "a", addr(1), 0, 0, 0), 2.0)
+    assert tr.ctx.table.get("a") is None and tr.ctx.counters["dropped_stale"] == 1
+    tr.on_alive(Alive(3, "a", addr(1), 0, 0, 0), 2.0)
+    assert tr.ctx.table.get("a") is not None
+
+
+def test_suspect_starts_a_lifeguard_timer_and_asks_for_a_probe() -> None:
+    tr, soon = make("a", "b", "c", "d")
+    tr.on_suspect(Suspect(0, "a", "x"), 1.0)
+    assert tr.ctx.table.get("a").state == State.SUSPECT
+    assert soon == ["a"]
+    s = tr.suspicions["a"]
+    assert s.k == 3  # min(indirect_checks, n - 2) with n = 5
+    assert s.deadline == 1.0 + s.max_t  # no confirmation yet: the longest timeout
+    # our own suspicion is told to the suspect at once (it refutes in one round trip)
+    assert any(Suspect(0, "a", "x") in msgs for a, msgs in sent(tr.ctx) if a == addr(1))
+    before = s.deadline
+    tr.on_suspect(Suspect(0, "a", "b"), 1.1)  # an independent confirmation
+    assert tr.ctx.counters["suspect_confirmations"] == 1 and s.deadline < before
+    tr.on_suspect(Suspect(0, "a", "b"), 1.2)  # the same confirmer again: not counted
+    assert tr.ctx.counters["suspect_confirmations"] == 1
+
+
+def test_an_expired_suspicion_declares_death_unless_refuted() -> None:
+    tr, _ = make("a", "b")
+    tr.on_suspect(Suspect(0, "a", "x"), 1.0)
+    tr.on_suspect(Suspect(0, "b", "x"), 1.0)
+    tr.on_alive(Alive(1, "b", addr(2), 0, 0, 0), 1.5)  # b refutes
+    assert "b" not in tr.suspicions
+    deadline = tr.next_deadline(99.0)
+    tr.tick_suspicions(deadline - 0.001)
+    assert tr.ctx.table.get("a").state == State.SUSPECT
+    tr.tick_suspicions(deadline)
+    assert tr.ctx.table.get("a").state == State.DEAD
+    assert tr.ctx.table.get("b").state == State.ALIVE
+    assert tr.ctx.counters["declared_dead"] == 1
+
+
+def test_claims_about_ourselves_are_refuted_with_a_higher_incarnation() -> None:
+    tr, _ = make("a")
+    ctx = tr.ctx
+    tr.on_suspect(Suspect(4, "x", "a"), 1.0)
+    assert ctx.local.incarnation == 5 and ctx.counters["refutes"] == 1
+    assert ctx.awareness.score == 1  # being suspected hints that we are the slow one
+    direct = [msgs for a, msgs in sent(ctx) if a == addr(1)]
+    assert next(m for m in direct[0] if isinstance(m, Alive)).incarnation == 5
+    # an older claim: already refuted, the claimant just hears our alive again
+    tr.on_dead(Dead(3, "x", "a"), 1.1)
+    tr.on_suspect(Suspect(3, "x", "a"), 1.2)
+    assert ctx.local.incarnation == 5 and ctx.counters["refutes"] == 1
+    assert ctx.counters["direct_refutes"] == 2
+
+
+def test_a_leaving_node_refutes_nothing() -> None:
+    tr, _ = make("a")
+    tr.ctx.leaving = True
+    tr.on_suspect(Suspect(0, "x", "a"), 1.0)
+    tr.on_dead(Dead(0, "x", "a"), 1.0)
+    tr.on_alive(Alive(9, "x", addr(5), 0, 0, 0), 1.0)
+    assert tr.ctx.local.incarnation == 0 and tr.ctx.counters["refutes"] == 0
+
+
+def test_dead_and_left_forget_the_replay_window_and_are_reaped() -> None:
+    tr, _ = make("a", "b")
+    tr.replay.accept("a", 10, b"s" * 8, 1)
+    tr.on_dead(Dead(0, "a", "x"), 1.0)
+    tr.on_dead(Dead(0, "b", "b"), 2.0)  # sender == name: a graceful leave
+    assert tr.ctx.table.get("a").state == State.DEAD
+    assert tr.ctx.table.get("b").state == State.LEFT
+    assert tr.replay.epoch_of("a") is None  # its next boot is new whatever its clock says
+    assert kinds(tr.ctx) == [("dead", "a"), ("left", "b")]
+    tr.on_dead(Dead(0, "a", "x"), 1.5)  # already dead: nothing happens twice
+    assert kinds(tr.ctx) == []
+    assert tr.next_reap == 1.0 + 30.0
+    tr.reap(31.0)
+    assert tr.ctx.table.get("a") is None and tr.ctx.table.get("b") is not None
+    assert tr.next_reap == 32.0
+    tr.reap(32.0)
+    assert kinds(tr.ctx) == [("forgotten", "a"), ("forgotten", "b")]
+    assert set(tr.ctx.table.tombstones) == {"a", "b"} and tr.ctx.table.tombstones["b"].left
