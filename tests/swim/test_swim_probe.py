@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from duravip.swim import codec
 from duravip.swim.codec import Ack, Alive, Nack, Ping, PingReq, Suspect
@@ -204,3 +208,33 @@ def test_a_leaving_node_stops_probing() -> None:
     p.ctx.leaving = True
     p.tick(p.next_probe)
     assert p.probe is None and sent(p.ctx) == []
+
+
+steps = st.lists(
+    st.tuples(st.sampled_from(["tick", "ack", "nack", "hint", "relay"]), st.floats(0, 0.3)),
+    max_size=60,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps)
+def test_awareness_stays_bounded_and_timers_always_move_forward(
+    seq: list[tuple[str, float]],
+) -> None:
+    p, _ = make("a", "b", "c", "d")
+    now = 0.0
+    for i, (what, dt) in enumerate(seq):
+        now += dt
+        seq_no = p.probe.seq if p.probe is not None else i
+        if what == "ack":
+            p.on_ack(seq_no)
+        elif what == "nack":
+            p.on_nack(seq_no)
+        elif what == "hint":
+            p.hint_unreachable(addr(1 + i % 4), now)
+        elif what == "relay":
+            p.on_ping_req(PingReq(i, "b", addr(2), "a", addr(1), True), "a", addr(1), now)
+        p.tick(now)
+        assert 0 <= p.ctx.awareness.score < T.awareness_max_multiplier
+        assert now < p.next_deadline(math.inf) < math.inf  # nothing due is left undone
+        p.ctx.out.clear()

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import random
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from duravip.swim import codec
 from duravip.swim.codec import Alive, Dead, Suspect
 from duravip.swim.context import Context
@@ -159,3 +162,45 @@ def test_dead_and_left_forget_the_replay_window_and_are_reaped() -> None:
     tr.reap(32.0)
     assert kinds(tr.ctx) == [("forgotten", "a"), ("forgotten", "b")]
     assert set(tr.ctx.table.tombstones) == {"a", "b"} and tr.ctx.table.tombstones["b"].left
+
+
+NAMES = ("x", "a", "b")
+claims = st.one_of(
+    st.builds(
+        Alive,
+        st.integers(0, 6),
+        st.sampled_from(NAMES),
+        st.just(addr(1)),
+        st.integers(0, 3),
+        st.just(0),
+        st.just(0),
+    ),
+    st.builds(Suspect, st.integers(0, 6), st.sampled_from(NAMES), st.sampled_from(NAMES)),
+    st.builds(Dead, st.integers(0, 6), st.sampled_from(NAMES), st.sampled_from(NAMES)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(claims, st.floats(0, 0.5)), max_size=40))
+def test_incarnations_never_go_back_and_we_are_never_dead_to_ourselves(
+    seq: list[tuple[Alive | Suspect | Dead, float]],
+) -> None:
+    tr, _ = make("a", "b")
+    held = {n.name: n.incarnation for n in tr.ctx.table}
+    now = 0.0
+    for claim, dt in seq:
+        now += dt
+        if isinstance(claim, Alive):
+            tr.on_alive(claim, now)
+        elif isinstance(claim, Suspect):
+            tr.on_suspect(claim, now)
+        else:
+            tr.on_dead(claim, now)
+        tr.tick_suspicions(now)
+        for n in tr.ctx.table:
+            assert n.incarnation >= held.get(n.name, 0)
+            held[n.name] = n.incarnation
+        local = tr.ctx.local
+        assert local.state == State.ALIVE
+        if claim.name == "x" and not isinstance(claim, Alive):
+            assert local.incarnation > claim.incarnation  # out-bid (or already above it)
