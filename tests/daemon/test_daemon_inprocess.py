@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+
+import pytest
 import trio
 
 from .inproc import FOLLOW, VIP1, VIP2, Cluster, banner, cluster
@@ -111,4 +114,38 @@ async def test_console_during_the_state_sync(cluster: Cluster) -> None:
             assert {r["owner"] for r in show["data"]["duravips"]} == {"n1"}  # type: ignore[index]
             announce = await cluster.console("n1", "broadcast", "cluster", "duravip", "announce", "view")
             assert announce["ok"], announce
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_listener_that_stops_for_good_hands_its_ip_to_a_peer(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """accept() fails with a non-capacity error on n1's VIP1 listener: n1 must not
+    keep VIP1 plumbed with nothing accepting (a half-alive node): it withdraws the
+    IP, n2 takes it over, and the failure is counted."""
+    real_accept = trio.SocketListener.accept
+    armed = False
+
+    async def accept_once_broken(self: trio.SocketListener) -> trio.SocketStream:
+        nonlocal armed
+        if armed and self.socket.getsockname()[0] == str(VIP1):
+            armed = False  # one shot: n2's own VIP1 listener must work
+            raise OSError(errno.EBADF, "injected")
+        return await real_accept(self)
+
+    monkeypatch.setattr(trio.SocketListener, "accept", accept_once_broken)
+    with trio.fail_after(40):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cluster.run, "n1")
+            await nursery.start(cluster.run, "n2")
+            await cluster.wait_holders({VIP1: "n1", VIP2: "n2", FOLLOW: "n1"})
+            armed = True
+            # The in-flight accept() returns this session; the next one fails.
+            assert "n1" in await banner(VIP1, cluster.smtp_port)
+            await cluster.wait_holders({VIP1: "n2", VIP2: "n2", FOLLOW: "n2"}, timeout=10)
+            assert not armed
+            assert "n2" in await banner(VIP1, cluster.smtp_port)
+            reply = await cluster.console("n1", "metrics")
+            text: str = reply["data"]["prometheus"]  # type: ignore[index]
+            assert 'duravip_smtp_total{counter="listener_failures"} 1' in text
             nursery.cancel_scope.cancel()

@@ -53,6 +53,9 @@ async def test_series_follow_the_election_sessions_and_a_failover(cluster: Clust
             assert m['duravip_election_total{counter="elections"}'] >= 1
             assert m["duravip_failover_seconds_count"] == 0  # nothing failed over yet
             assert m["duravip_views_dropped_total"] == 0
+            # This scrape came over the control socket (the console's connection).
+            assert m['duravip_control_total{counter="connections"}'] >= 1
+            assert m.get('duravip_control_total{counter="refused_peer"}', 0) == 0
             assert m['duravip_swim_total{counter="msgs_recv"}'] > 0
             sessions = m.get('duravip_smtp_total{counter="sessions"}', 0)
 

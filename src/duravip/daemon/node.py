@@ -24,6 +24,7 @@ than a dead one, because the others would not take those IPs over.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import time
 from collections.abc import Callable
@@ -110,6 +111,8 @@ class Node:
             keyring=load_keyring(config),
             snapshot=AsyncValue(ClusterSnapshot(local=config.cluster.node_name, states={}, views={})),
         )
+        #: Control socket connections, refusals and bad requests (filled by the server).
+        self.control_counters: dict[str, int] = {}
         self.registry = metrics.Registry()
         self.telemetry = NodeMetrics(
             self.registry,
@@ -157,9 +160,12 @@ class Node:
                         control_server.serve,
                         path=c.control.path,
                         mode=c.control.mode,
+                        group=c.control.group,
+                        counters=self.control_counters,
                         registry=registry,
                     )
                 )
+                self.telemetry.add_control(lambda: self.control_counters)
                 if c.metrics.listen is not None:
                     await nursery.start(
                         partial(
@@ -195,16 +201,17 @@ class Node:
                 self.telemetry.add_mail(lambda: mail.counters, mail.mailq)
                 waiting_mail.release()
                 mail_cmds.register(registry, mail_cmds.MailContext(mailq=mail.mailq))
-                # Wiring point (issue 16, lead): a DuraVIP listener that stops for
-                # good should reach resolver.withdraw(ip). It only runs after an
-                # acquire, but the resolver starts later than the listeners: route
-                # the callback through a channel drained once Services exist.
+                # A DuraVIP listener that stops for good makes this node withdraw
+                # its IP. Listeners start before the resolver, so failures queue
+                # here until _withdraw_failed_listeners runs (once Services exist).
+                failed_send, failed_recv = trio.open_memory_channel[IPv4Address](math.inf)
                 listeners = await nursery.start(
                     partial(
                         serve_listeners,
                         config=c,
                         sink=mail.sink,
                         settings=ServerSettings(hostname=self.name, limits=c.smtp),
+                        on_listener_failed=failed_send.send_nowait,
                     )
                 )
                 self.telemetry.add_smtp(lambda: listeners.counters)
@@ -257,6 +264,7 @@ class Node:
                 nursery.start_soon(self._follow_decisions, services)
                 nursery.start_soon(self._follow_held, services)
                 nursery.start_soon(self._reannounce_loop, services)
+                nursery.start_soon(self._withdraw_failed_listeners, failed_recv, services)
                 nursery.start_soon(self._notify_ready, services)
                 log.info("node started", extra={"fields": {"members": len(self.state.snapshot.value.states)}})
                 await self._serve_signals(services)
@@ -342,6 +350,23 @@ class Node:
         async for m in s.membership.snapshot.eventual_values():
             self._adapt(m, s.resolver.held.value)
             self._route_mail(s)
+
+    async def _withdraw_failed_listeners(
+        self, failed: trio.MemoryReceiveChannel[IPv4Address], s: Services
+    ) -> None:
+        """A listener that stopped for good: stop announcing its IP so a peer serves it.
+
+        Keeping the IP plumbed with nothing accepting on it would make this a
+        half-alive node that the others never replace. Counted by the listener
+        manager (``listener_failures``); ``broadcast cluster duravip announce
+        view`` or a reload makes the node a candidate again.
+        """
+        async for ip in failed:
+            log.error(
+                "listener on %s stopped for good: withdrawing the IP from this node", ip,
+                extra={"fields": {"ip": str(ip)}},
+            )
+            s.resolver.withdraw(ip)
 
     async def _reannounce_loop(self, s: Services) -> None:
         """GARP every IP held here when the cluster heals or a rival releases one.

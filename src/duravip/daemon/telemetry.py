@@ -68,6 +68,12 @@ class NodeMetrics:
 
     # One per service, called once that service has started (in start order).
 
+    def add_control(self, counters: Counters) -> None:
+        self._dict_counter(
+            "duravip_control_total", "control socket connections, refusals and bad requests",
+            "counter", counters,
+        )
+
     def add_plumbing(self, counters: Counters) -> None:
         self._dict_counter(
             "duravip_plumbing_total", "plumbing operations and errors", "counter", counters
