@@ -116,9 +116,18 @@ async def test_key_rotation_receiver_tries_every_key(tmp_path: Path, keys: Keys)
                 n, tmp_path, keys, lambda: both, closed_port(), closed_port(), retry_base=5.0
             )
             p.holders({"b1": "n2", "ga": None, "gb": None})
-            await p.a.sink.accept(envelope("b1"))
+            sent = envelope("b1")
+            await p.a.sink.accept(sent)
             await _until(lambda: p.b.counters["mmove_received"] == 1)
+            # The message arrived intact: same envelope, byte-identical body.
+            (moved,) = list(p.b.spool.iter())
+            assert moved.mail_from == sent.mail_from and moved.rcpt_to == sent.rcpt_to
+            assert p.b.spool.read_data(moved.id) == sent.data
             n.cancel_scope.cancel()
+    # The sender's key is the receiver's second one, and that is the one that worked.
+    assert p.b.counters["mmove_auth_secondary"] == 1
+    assert p.b.counters.get("mmove_auth_primary", 0) == 0
+    assert p.b.counters.get("mmove_auth_failed", 0) == 0
 
 
 async def test_retry_after_lost_reply_is_deduplicated(
@@ -224,7 +233,7 @@ async def test_preamble_round_trip_and_refusal() -> None:
     key = os.urandom(32)
     with trio.fail_after(5):
         a, b = trio.testing.memory_stream_pair()
-        out: dict[str, bytes] = {}
+        out: dict[str, tuple[bytes, int]] = {}
 
         async def server() -> None:
             out["rest"] = await server_preamble(a, [os.urandom(16), key], "c1")
@@ -235,7 +244,7 @@ async def test_preamble_round_trip_and_refusal() -> None:
             rest = await client_preamble(b, key, "c1")
             if not rest:
                 rest = bytes(await b.receive_some(100))
-        assert rest == b"220 hi\r\n" and out["rest"] == b""
+        assert rest == b"220 hi\r\n" and out["rest"] == (b"", 1)  # the second key worked
 
         a, b = trio.testing.memory_stream_pair()
         server_failed: list[str] = []

@@ -57,18 +57,23 @@ async def _read_line(stream: trio.abc.Stream, buf: bytes) -> tuple[bytes, bytes]
         buf += chunk
 
 
-async def server_preamble(stream: trio.abc.Stream, keys: Sequence[bytes], cluster: str) -> bytes:
-    """Run the server side of the challenge-response; returns bytes read past it."""
+async def server_preamble(
+    stream: trio.abc.Stream, keys: Sequence[bytes], cluster: str
+) -> tuple[bytes, int]:
+    """Run the server side of the challenge-response.
+
+    Returns the bytes read past it and the index of the keyring key the peer used.
+    """
     nonce_s = auth.new_nonce()
     await stream.send_all(auth.server_challenge(nonce_s))
     try:
         line, rest = await _read_line(stream, b"")
-        proof = auth.server_verify(line, nonce_s, keys, cluster)
+        proof, key_index = auth.server_verify_key(line, nonce_s, keys, cluster)
     except auth.AuthError:
         await stream.send_all(auth.REFUSAL)
         raise
     await stream.send_all(proof)
-    return rest
+    return rest, key_index
 
 
 async def client_preamble(stream: trio.abc.Stream, key: bytes, cluster: str) -> bytes:
@@ -236,7 +241,7 @@ async def serve_listener(
             return
         try:
             with trio.fail_after(PREAMBLE_TIMEOUT):
-                rest = await server_preamble(stream, keys(), cluster)
+                rest, key_index = await server_preamble(stream, keys(), cluster)
         except (
             auth.AuthError,
             trio.TooSlowError,
@@ -248,6 +253,9 @@ async def serve_listener(
             log.warning("%s: refused connection from %s: %s", SERVICE, peer[0], exc)
             await trio.aclose_forcefully(stream)
             return
+        # Which key the peer proved: during a rotation, "secondary" going to zero
+        # says every peer has moved to the new primary key.
+        _bump(receiver.counters, "mmove_auth_primary" if key_index == 0 else "mmove_auth_secondary")
         with trio.CancelScope() as scope:
             await handle_connection(
                 stream,

@@ -78,6 +78,16 @@ def client_response(challenge_line: bytes, key: bytes, cluster: str) -> tuple[by
 
 def server_verify(response_line: bytes, nonce_s: str, keys: Sequence[bytes], cluster: str) -> bytes:
     """Check the client's proof against every key; returns the server's proof line."""
+    return server_verify_key(response_line, nonce_s, keys, cluster)[0]
+
+
+def server_verify_key(
+    response_line: bytes, nonce_s: str, keys: Sequence[bytes], cluster: str
+) -> tuple[bytes, int]:
+    """:func:`server_verify`, plus the index in ``keys`` of the key the client used.
+
+    During a key rotation the index tells whether peers still use the old key.
+    """
     parts = response_line.strip().split(b" ")
     if len(parts) != 2:
         raise AuthError("malformed response")
@@ -87,9 +97,9 @@ def server_verify(response_line: bytes, nonce_s: str, keys: Sequence[bytes], clu
     given = parts[1]
     if _hex_field(given) is None:
         raise AuthError("malformed MAC")
-    for key in keys:
+    for index, key in enumerate(keys):
         if hmac.compare_digest(_mac(key, b"c", nonce_s, nonce_c, cluster), given):
-            return _mac(key, b"s", nonce_c, nonce_s, cluster) + b"\r\n"
+            return _mac(key, b"s", nonce_c, nonce_s, cluster) + b"\r\n", index
     raise AuthError("no key matches")
 
 
