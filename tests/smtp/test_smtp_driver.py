@@ -172,6 +172,67 @@ async def test_data_timeout_applies_during_body(autojump_clock: trio.testing.Moc
     assert 100 <= elapsed < 101
 
 
+async def _trickle(
+    autojump_clock: trio.testing.MockClock, prefix: bytes, drip: bytes
+) -> tuple[bytes, float, dict[str, int]]:
+    """Send ``prefix``, then ``drip`` every 20 s (inside every idle timeout) until closed."""
+    client, server_stream = trio.testing.memory_stream_pair()
+    limits = SmtpLimits(command_timeout=30, data_timeout=100, session_timeout=300)
+    s = ServerSettings(hostname=HOST, limits=limits)
+    counters: dict[str, int] = {}
+    out = bytearray()
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                lambda: handle_connection(
+                    server_stream,
+                    settings=s,
+                    sink=RecordingSink(),
+                    peer=PEER,
+                    local=LOCAL,
+                    counters=counters,
+                )
+            )
+            start = trio.current_time()
+            await client.send_all(prefix)
+
+            async def drip_forever() -> None:
+                try:
+                    while True:
+                        await trio.sleep(20)
+                        await client.send_all(drip)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+
+            nursery.start_soon(drip_forever)
+            out += await read_all(client)
+            elapsed = trio.current_time() - start
+            nursery.cancel_scope.cancel()
+    return bytes(out), elapsed, counters
+
+
+async def test_session_timeout_ends_a_client_that_trickles_commands(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    out, elapsed, counters = await _trickle(autojump_clock, b"HELO c\r\n", b"NOOP\r\n")
+    assert out.endswith(b"250 2.0.0 Ok\r\n421 4.4.2 node-d Error: session time limit exceeded\r\n")
+    assert 300 <= elapsed < 301
+    assert counters == {"session_timeouts": 1}
+
+
+async def test_session_timeout_ends_a_body_that_trickles(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    head = b"HELO c\r\nMAIL FROM:<a>\r\nRCPT TO:<b>\r\nDATA\r\n"
+    out, elapsed, counters = await _trickle(autojump_clock, head, b"x")
+    assert out.endswith(
+        b"354 End data with <CR><LF>.<CR><LF>\r\n"
+        b"421 4.4.2 node-d Error: session time limit exceeded\r\n"
+    )
+    assert 300 <= elapsed < 301
+    assert counters == {"session_timeouts": 1}
+
+
 async def test_shutdown_idle_session_gets_421_at_once(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -20,6 +20,7 @@ from duravip.swim.settings import Timers as Timers
 Profile = Literal["lan", "fast", "wan"]
 Quorum = Literal["none", "majority"]
 BareNewline = Literal["reject", "normalize"]
+TlsMode = Literal["optional", "required", "off"]
 
 #: The SPEC's hard limit of DuraVIPs per node (as in the reference product).
 MAX_DURAVIPS = 10_240
@@ -139,6 +140,12 @@ class Listener:
     enable_duravip: bool = False
     duravip_follow: str | None = None
     duravip_preference: str | None = None
+    #: STARTTLS (RFC 3207): PEM certificate chain, its key (may be in the same
+    #: file), and whether TLS is offered (``optional``), needed before MAIL
+    #: (``required``) or not offered (``off``). Without a certificate no TLS is offered.
+    tls_certificate: Path | None = None
+    tls_key: Path | None = None
+    tls: TlsMode = "optional"
     loc: SourceLoc | None = field(default=None, eq=False)
 
     @property
@@ -195,6 +202,8 @@ class SmtpLimits:
     max_errors: int = 10
     command_timeout: float = 300.0
     data_timeout: float = 600.0
+    #: Wall time one session may last in all (``421 4.4.2`` after it).
+    session_timeout: float = 3600.0
     #: Concurrent sessions over all listeners, and per client IP; beyond: ``421 4.7.0``.
     max_sessions: int = 1000
     max_sessions_per_ip: int = 50

@@ -2,17 +2,25 @@
 
 It moves bytes between the stream and the sans-IO core, awaits the sink for
 each message (``250`` only after the sink returned, i.e. the message is
-durable), applies the command/data timeouts, and on shutdown lets the
-transaction in progress finish before it says ``421``.
+durable), applies the command/data/session timeouts, runs the STARTTLS
+handshake the core asks for (swapping its stream for a ``trio.SSLStream``),
+and on shutdown lets the transaction in progress finish before it says ``421``.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 
 import trio
 
-from duravip.smtp.server import ConnectionClosed, MessageReceived, ServerSettings, SmtpServer
+from duravip.smtp.server import (
+    ConnectionClosed,
+    MessageReceived,
+    ServerSettings,
+    SmtpServer,
+    StartTLS,
+)
 from duravip.smtp.types import MessageSink, PermanentFailure, TemporaryFailure
 
 __all__ = ["GOODBYE_TIMEOUT", "RECEIVE_SIZE", "handle_connection"]
@@ -42,6 +50,7 @@ async def handle_connection(
     greeting: bool = True,
     initial_data: bytes = b"",
     counters: dict[str, int] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> None:
     """Serve one SMTP session on ``stream`` until it ends; always closes ``stream``.
 
@@ -57,13 +66,24 @@ async def handle_connection(
       works) is finished first, then ``421``. The caller bounds that drain by
       cancelling this task; on cancellation the driver still tries to send
       ``421`` for up to :data:`GOODBYE_TIMEOUT` seconds.
-    * Timeouts: ``limits.command_timeout`` between commands,
-      ``limits.data_timeout`` while a body is arriving; then ``421 4.4.2``.
-    * ``counters`` (optional) gets ``messages``, ``rejects``, ``timeouts`` and
-      ``sink_errors`` incremented, and at the end of the session
-      ``bare_newline_rejects`` / ``bare_newline_normalized``.
+    * Timeouts: ``limits.command_timeout`` between commands (and for the TLS
+      handshake), ``limits.data_timeout`` while a body is arriving; then
+      ``421 4.4.2``. ``limits.session_timeout`` bounds the whole session
+      (``421 4.4.2 ... session time limit exceeded``; a sink call in progress
+      is not interrupted).
+    * STARTTLS: ``ssl_context`` is required when ``settings.tls`` is not
+      ``off``. The handshake runs on this task; a failure or timeout ends this
+      session only (``tls_handshake_failures``), a success is counted in
+      ``tls_sessions``.
+    * ``counters`` (optional) gets ``messages``, ``rejects``, ``timeouts``,
+      ``session_timeouts``, ``sink_errors``, ``tls_sessions`` and
+      ``tls_handshake_failures`` incremented, and at the end of the session
+      ``bare_newline_rejects`` / ``bare_newline_normalized`` /
+      ``starttls_pipelining_rejects``.
     """
-    session = _Session(stream, settings, sink, peer, local, shutdown, counters)
+    if settings.tls != "off" and ssl_context is None:
+        raise ValueError(f"tls = {settings.tls} needs an ssl_context")
+    session = _Session(stream, settings, sink, peer, local, shutdown, counters, ssl_context)
     log.debug(
         "%s session from %s:%d to %s:%d",
         "smtp" if greeting else "smtp-after-preamble",
@@ -85,13 +105,15 @@ async def handle_connection(
             for key, n in (
                 ("bare_newline_rejects", session.server.bare_newline_rejects),
                 ("bare_newline_normalized", session.server.bare_newline_normalized),
+                ("starttls_pipelining_rejects", session.server.starttls_pipelining_rejects),
             ):
                 if n:
                     counters[key] = counters.get(key, 0) + n
         if not ended:
-            await _goodbye(stream, session.server)
+            await _goodbye(session.stream, session.server)
         with trio.CancelScope(shield=True):
-            await trio.aclose_forcefully(stream)
+            # After STARTTLS the SSLStream, which closes the socket under it too.
+            await trio.aclose_forcefully(session.stream)
 
 
 class _Session:
@@ -106,8 +128,12 @@ class _Session:
         local: tuple[str, int],
         shutdown: trio.Event | None,
         counters: dict[str, int] | None,
+        ssl_context: ssl.SSLContext | None,
     ) -> None:
-        self.stream = stream
+        #: The socket stream, or the SSLStream over it once STARTTLS succeeded.
+        self.stream: trio.abc.Stream = stream
+        self.ssl_context = ssl_context
+        self.deadline = trio.current_time() + settings.limits.session_timeout
         self.server = SmtpServer(settings)
         self.limits = settings.limits
         self.sink = sink
@@ -130,15 +156,19 @@ class _Session:
 
     async def run(self) -> None:
         """The session loop; returns when the session is over or the peer went away."""
-        server, stream = self.server, self.stream
+        server = self.server
         try:
             while True:
                 event = server.next_event()
                 out = server.data_to_send()
                 if out:
-                    await stream.send_all(out)
+                    await self.stream.send_all(out)
                 if isinstance(event, ConnectionClosed):
                     return
+                if isinstance(event, StartTLS):
+                    if not await self._start_tls():
+                        return
+                    continue
                 if isinstance(event, MessageReceived):
                     await _deliver(server, event, self.sink, self.peer, self.local, self.counters)
                     if self.shutdown is not None and self.shutdown.is_set():
@@ -150,20 +180,54 @@ class _Session:
                 timeout = (
                     self.limits.data_timeout if server.in_data else self.limits.command_timeout
                 )
-                with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
+                deadline = min(trio.current_time() + timeout, self.deadline)
+                with trio.CancelScope(deadline=deadline) as scope:
                     self.recv_scope = scope
-                    data = await stream.receive_some(RECEIVE_SIZE)
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
                 self.recv_scope = None
                 if scope.cancelled_caught:
-                    if not self._stopping():
-                        _count(self.counters, "timeouts")
-                        server.timeout()
+                    if self._stopping():
+                        continue
+                    whole = trio.current_time() >= self.deadline
+                    _count(self.counters, "session_timeouts" if whole else "timeouts")
+                    server.timeout(session=whole)
                     continue
                 server.receive_data(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.debug("session from %s:%d ended: %r", *self.peer, exc)
             server.shutdown()  # nothing more to say; mark closed
             server.data_to_send()
+
+    async def _start_tls(self) -> bool:
+        """The server-side handshake after ``220 Ready to start TLS``; False: session over.
+
+        Bounded by the command timeout (and the session's deadline); a shutdown
+        of the listener interrupts it. Nothing more is written on failure: the
+        client may be half-way into TLS, so plaintext would only confuse it.
+        """
+        assert self.ssl_context is not None  # checked in handle_connection
+        tls = trio.SSLStream(self.stream, self.ssl_context, server_side=True)
+        deadline = min(trio.current_time() + self.limits.command_timeout, self.deadline)
+        failure: str | None = None
+        with trio.CancelScope(deadline=deadline) as scope:
+            self.recv_scope = scope
+            try:
+                await tls.do_handshake()
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                failure = repr(exc.__cause__ or exc)
+        self.recv_scope = None
+        if scope.cancelled_caught:
+            failure = "handshake timed out or the listener stopped"
+        if failure is not None:
+            _count(self.counters, "tls_handshake_failures")
+            log.info("TLS handshake with %s:%d failed: %s", *self.peer, failure)
+            self.server.shutdown()  # closed; the 421 is not sent (see above)
+            self.server.data_to_send()
+            return False
+        _count(self.counters, "tls_sessions")
+        self.stream = tls
+        self.server.tls_started()
+        return True
 
 
 async def _deliver(

@@ -8,7 +8,16 @@ from attrs import Factory, frozen
 
 from duravip.smtp.types import Envelope
 
-__all__ = ["CLOSED", "NEED_DATA", "ConnectionClosed", "Event", "MessageReceived", "NeedData"]
+__all__ = [
+    "CLOSED",
+    "NEED_DATA",
+    "START_TLS",
+    "ConnectionClosed",
+    "Event",
+    "MessageReceived",
+    "NeedData",
+    "StartTLS",
+]
 
 
 @frozen
@@ -19,6 +28,16 @@ class NeedData:
 @frozen
 class ConnectionClosed:
     """The session is over (QUIT, 421, EOF): flush :meth:`data_to_send` and close."""
+
+
+@frozen
+class StartTLS:
+    """``220 Ready to start TLS`` is queued: flush it, then run the TLS handshake.
+
+    The driver owns the handshake; afterwards it calls
+    :meth:`SmtpServer.tls_started` (the session restarts, RFC 3207 4.2) or,
+    if the handshake failed, closes the connection.
+    """
 
 
 @frozen
@@ -44,8 +63,9 @@ class MessageReceived:
         )
 
 
-Event = NeedData | ConnectionClosed | MessageReceived
+Event = NeedData | ConnectionClosed | MessageReceived | StartTLS
 
 #: The stateless events, allocated once (returned on every call that waits or ends).
 NEED_DATA = NeedData()
 CLOSED = ConnectionClosed()
+START_TLS = StartTLS()

@@ -13,11 +13,13 @@ __all__ = [
     "OK",
     "OK_RECIPIENT",
     "OK_SENDER",
+    "READY_FOR_TLS",
     "START_MAIL_INPUT",
     "ehlo_reply",
     "greeting",
     "raw_line",
     "reply",
+    "session_expired",
     "shutting_down",
     "timed_out",
     "too_many_connections",
@@ -42,6 +44,7 @@ OK = reply(250, "2.0.0", "Ok")
 OK_SENDER = reply(250, "2.1.0", "Ok")
 OK_RECIPIENT = reply(250, "2.1.5", "Ok")
 START_MAIL_INPUT = raw_line("354 End data with <CR><LF>.<CR><LF>")
+READY_FOR_TLS = reply(220, "2.0.0", "Ready to start TLS")
 
 
 def greeting(hostname: str) -> bytes:
@@ -74,3 +77,8 @@ def shutting_down(hostname: str) -> bytes:
 
 def timed_out(hostname: str) -> bytes:
     return raw_line(f"421 4.4.2 {hostname} Error: timeout exceeded")
+
+
+def session_expired(hostname: str) -> bytes:
+    """The session lasted ``session_timeout`` in all, however busy it was."""
+    return raw_line(f"421 4.4.2 {hostname} Error: session time limit exceeded")

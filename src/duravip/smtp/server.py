@@ -1,4 +1,4 @@
-"""Sans-IO SMTP server state machine (RFC 5321 with RFC 1870, 1652, 2034, 2920).
+"""Sans-IO SMTP server state machine (RFC 5321 with RFC 1870, 1652, 2034, 2920, 3207).
 
 Bytes in (:meth:`SmtpServer.receive_data`), events out
 (:meth:`SmtpServer.next_event`), reply bytes out
@@ -22,7 +22,15 @@ Design choices that matter for speed and safety:
   goes on) or, with ``bare_newline = normalize``, rewritten to CRLF: the sink
   only ever gets canonical CRLF, so no later hop can be smuggled a command.
 * Reply text never depends on how the input was chunked: the same bytes give
-  the same replies whether they arrive at once or one at a time.
+  the same replies whether they arrive at once or one at a time. The one
+  exception is STARTTLS: bytes already buffered behind it are refused (below).
+* STARTTLS (RFC 3207): the core only answers ``220`` and returns
+  :class:`StartTLS`; the driver runs the handshake and calls
+  :meth:`SmtpServer.tls_started`, which forgets everything the client said
+  before (EHLO again; no MAIL carried over). Bytes the client sent after the
+  STARTTLS line before the handshake (plaintext a man in the middle could have
+  injected, CVE-2011-0411) are never run: the session is answered ``554`` and
+  closed instead of starting TLS.
 """
 
 from __future__ import annotations
@@ -33,10 +41,12 @@ from duravip.smtp.body import TOO_BIG, BodyReader, unstuff
 from duravip.smtp.events import (
     CLOSED,
     NEED_DATA,
+    START_TLS,
     ConnectionClosed,
     Event,
     MessageReceived,
     NeedData,
+    StartTLS,
 )
 from duravip.smtp.newlines import has_bare_newline, to_crlf
 from duravip.smtp.parsing import (
@@ -51,11 +61,13 @@ from duravip.smtp.replies import (
     OK,
     OK_RECIPIENT,
     OK_SENDER,
+    READY_FOR_TLS,
     START_MAIL_INPUT,
     ehlo_reply,
     greeting,
     raw_line,
     reply,
+    session_expired,
     shutting_down,
     timed_out,
     too_many_connections,
@@ -72,6 +84,7 @@ __all__ = [
     "ServerSettings",
     "SessionLimits",
     "SmtpServer",
+    "StartTLS",
     "too_many_connections",
 ]
 
@@ -79,6 +92,8 @@ __all__ = [
 _COMMAND = "command"
 _DATA = "data"
 _DECISION = "decision"
+#: ``220 Ready to start TLS`` sent; waiting for the driver's handshake.
+_TLS_PENDING = "starttls"
 _CLOSED_STATE = "closed"
 
 
@@ -109,6 +124,10 @@ class SmtpServer:
         self.bare_newline_normalized = 0
         self.helo: str | None = None
         self.esmtp = False
+        #: True once the driver completed the TLS handshake (never goes back).
+        self.tls_active = False
+        #: Sessions closed because bytes followed STARTTLS before the handshake.
+        self.starttls_pipelining_rejects = 0
         self._reset_transaction()
         self._out.append(greeting(self._host))
 
@@ -127,6 +146,11 @@ class SmtpServer:
     @property
     def closed(self) -> bool:
         return self._state == _CLOSED_STATE
+
+    @property
+    def tls_available(self) -> bool:
+        """STARTTLS is offered on this session now (a mode allows it, not yet active)."""
+        return self.settings.tls != "off" and not self.tls_active
 
     def receive_data(self, data: bytes | bytearray) -> None:
         """Feed bytes from the client; ``b""`` means the client closed its side."""
@@ -149,6 +173,8 @@ class SmtpServer:
         """Process buffered input until an event is due; replies go to the out queue."""
         if self._state == _DECISION:
             raise ProtocolUsageError("accept_message() or reject_message() first")
+        if self._state == _TLS_PENDING:
+            raise ProtocolUsageError("tls_started() first, or close the connection")
         while True:
             state = self._state
             if state == _CLOSED_STATE:
@@ -177,6 +203,19 @@ class SmtpServer:
         self._decide()
         self._reply(code, enhanced, text)
 
+    def tls_started(self) -> None:
+        """The driver completed the TLS handshake: back to the initial state (RFC 3207 4.2).
+
+        No banner follows; the client must EHLO again, and nothing it said
+        before (HELO name, extensions) is kept. The error count is kept.
+        """
+        if self._state != _TLS_PENDING:
+            raise ProtocolUsageError("no STARTTLS is waiting for a handshake")
+        self.tls_active = True
+        self.helo, self.esmtp = None, False
+        self._reset_transaction()
+        self._state = _COMMAND
+
     def shutdown(self) -> None:
         """Queue ``421 4.3.2`` and close (the daemon is stopping or the IP is leaving)."""
         if self._state == _CLOSED_STATE:
@@ -184,11 +223,11 @@ class SmtpServer:
         self._out.append(shutting_down(self._host))
         self._close()
 
-    def timeout(self) -> None:
-        """The client was idle too long: ``421 4.4.2`` and close."""
+    def timeout(self, *, session: bool = False) -> None:
+        """The client was idle too long (or, ``session``, the whole session was): ``421 4.4.2``."""
         if self._state == _CLOSED_STATE:
             return
-        self._out.append(timed_out(self._host))
+        self._out.append(session_expired(self._host) if session else timed_out(self._host))
         self._close()
 
     # ------------------------------------------------------------ internals
@@ -228,7 +267,7 @@ class SmtpServer:
 
     # -------------------------------------------------------- command mode
 
-    def _process_command(self) -> Event | None:
+    def _process_command(self) -> StartTLS | None:
         """Handle every complete command line in the buffer, in order."""
         max_len = self._limits.max_line_length
         while self._state == _COMMAND:
@@ -260,6 +299,8 @@ class SmtpServer:
                 self._error(500, "5.5.6", "Error: line too long")
                 continue
             self._command(raw.decode("latin-1"))
+            if self._state == _TLS_PENDING:
+                return START_TLS
             if self._state == _DATA:
                 # Bytes after "DATA\r\n" are the body (the 354 boundary).
                 self._body.start()
@@ -287,6 +328,7 @@ class SmtpServer:
             f"SIZE {self._limits.max_message_size}",
             "8BITMIME",
             "ENHANCEDSTATUSCODES",
+            *(("STARTTLS",) if self.tls_available else ()),
             *self.settings.extra_ehlo,
         )
         self._out.append(ehlo_reply(self._host, keywords))
@@ -300,6 +342,9 @@ class SmtpServer:
         self._out.append(raw_line(f"250 {self._host}"))
 
     def _mail(self, arg: str) -> None:
+        if self.settings.tls == "required" and not self.tls_active:
+            self._error(530, "5.7.0", "Must issue a STARTTLS command first")
+            return
         if self.helo is None:
             self._error(503, "5.5.1", "Error: send HELO/EHLO first")
             return
@@ -371,6 +416,25 @@ class SmtpServer:
             return
         self._reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
 
+    def _starttls(self, arg: str) -> None:
+        if self.settings.tls == "off":
+            self._error(502, "5.5.1", "Error: command not implemented")
+        elif self.tls_active:
+            self._error(503, "5.5.1", "Error: TLS already active")
+        elif arg:
+            self._error(501, "5.5.4", "Syntax: STARTTLS")
+        elif self._mail_from is not None:
+            self._error(503, "5.5.1", "Error: MAIL transaction in progress")
+        elif self._in:
+            # Plaintext behind STARTTLS would be read as if sent over TLS: refuse
+            # it all rather than run a command a man in the middle may have added.
+            self.starttls_pipelining_rejects += 1
+            self._reply(554, "5.5.1", "Error: command pipelined after STARTTLS")
+            self._close()
+        else:
+            self._out.append(READY_FOR_TLS)
+            self._state = _TLS_PENDING
+
     def _help(self, arg: str) -> None:
         self._reply(214, "2.0.0", HELP_TEXT)
 
@@ -385,6 +449,7 @@ class SmtpServer:
         "QUIT": _quit,
         "VRFY": _vrfy,
         "HELP": _help,
+        "STARTTLS": _starttls,
     }
 
     # ----------------------------------------------------------- data mode

@@ -13,10 +13,19 @@ from typing import Literal, Protocol
 
 from attrs import field, frozen
 
-__all__ = ["BareNewline", "LimitsSource", "ServerSettings", "SessionLimits", "session_limits"]
+__all__ = [
+    "BareNewline",
+    "LimitsSource",
+    "ServerSettings",
+    "SessionLimits",
+    "TlsMode",
+    "session_limits",
+]
 
 #: What to do with a body holding a bare LF or CR (SMTP smuggling): refuse, or rewrite to CRLF.
 BareNewline = Literal["reject", "normalize"]
+#: STARTTLS on a listener: offered, offered and needed before MAIL, or not offered.
+TlsMode = Literal["optional", "required", "off"]
 
 
 class LimitsSource(Protocol):
@@ -35,12 +44,14 @@ class LimitsSource(Protocol):
     @property
     def data_timeout(self) -> float: ...
     @property
+    def session_timeout(self) -> float: ...
+    @property
     def bare_newline(self) -> BareNewline: ...
 
 
 @frozen
 class SessionLimits:
-    """Limits of one SMTP session: the state machine's, plus the driver's two timeouts.
+    """Limits of one SMTP session: the state machine's, plus the driver's timeouts.
 
     Defaults equal those of ``Smtp_Limits`` in the configuration (a test holds
     them together). Session caps (``max_sessions``) are the listeners' business.
@@ -53,6 +64,10 @@ class SessionLimits:
     #: Idle time allowed between commands, and while a body arrives (seconds; driver).
     command_timeout: float = 300.0
     data_timeout: float = 600.0
+    #: Wall time a whole session may last, however busy (seconds; driver). A
+    #: client trickling one command just inside ``command_timeout`` cannot hold
+    #: a session slot for ever.
+    session_timeout: float = 3600.0
     bare_newline: BareNewline = "reject"
 
 
@@ -67,6 +82,7 @@ def session_limits(source: LimitsSource) -> SessionLimits:
         max_errors=source.max_errors,
         command_timeout=source.command_timeout,
         data_timeout=source.data_timeout,
+        session_timeout=source.session_timeout,
         bare_newline=source.bare_newline,
     )
 
@@ -86,3 +102,6 @@ class ServerSettings:
     extra_mail_params: frozenset[str] = field(default=frozenset(), converter=_upper_set)
     #: Extra EHLO keywords (e.g. ``"XMMOVE"``), advertised after the standard ones.
     extra_ehlo: tuple[str, ...] = ()
+    #: STARTTLS: ``off`` (not offered), ``optional`` or ``required`` (MAIL needs
+    #: TLS first). The driver holds the TLS context; the core only the mode.
+    tls: TlsMode = "off"
