@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import difflib
 import grp
+import ssl
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address
+from pathlib import Path
 
 from duravip.config.diagnostics import Diagnostic
-from duravip.config.model import MAX_DURAVIPS, Binding, Config, SourceLoc
+from duravip.config.model import MAX_DURAVIPS, Binding, Config, Listener, SourceLoc
 from duravip.config.structure import Locs
 
 Rule = Callable[[Config, Locs], Iterator[Diagnostic]]
@@ -336,6 +338,65 @@ def check_smtp_limits(config: Config, locs: Locs) -> Iterator[Diagnostic]:
         )
 
 
+def check_tls(config: Config, locs: Locs) -> Iterator[Diagnostic]:
+    """STARTTLS files of each Listen block: present, loadable, the key kept private."""
+    if config.smtp.session_timeout <= 0:
+        yield _err(
+            locs.get(("smtp", "session_timeout"), locs.get(("smtp",))),
+            "session_timeout must be positive",
+        )
+    loaded: dict[tuple[object, object], str | None] = {}
+    for i, lst in enumerate(config.listeners):
+
+        def at(key: str, i: int = i, lst: Listener = lst) -> SourceLoc | None:
+            return locs.get(("listener", i, key), lst.loc)
+
+        cert, key = lst.tls_certificate, lst.tls_key
+        if key is not None and cert is None:
+            yield _err(at("tls_key"), f"listener {lst.address} has tls_key but no tls_certificate")
+        if lst.tls == "required" and cert is None:
+            yield _err(
+                at("tls"),
+                f"listener {lst.address} has tls = required but no tls_certificate",
+                'set tls_certificate = "/path/cert.pem" (and tls_key), or tls = optional',
+            )
+        if cert is None or lst.tls == "off":
+            continue
+        missing = False
+        for name, path in (("tls_certificate", cert), ("tls_key", key)):
+            if path is not None and not path.is_file():
+                missing = True
+                yield _err(at(name), f"{name} {path} is not a readable file on this host")
+        if missing:
+            continue
+        secret = key if key is not None else cert
+        try:
+            mode = secret.stat().st_mode
+        except OSError:
+            mode = 0
+        if mode & 0o004:
+            yield _warn(
+                at("tls_key" if key is not None else "tls_certificate"),
+                f"TLS key {secret} is readable by every local user (mode {mode & 0o777:04o})",
+                f"chmod 600 {secret}",
+            )
+        if (cert, key) not in loaded:
+            loaded[(cert, key)] = _tls_load_error(cert, key)
+        problem = loaded[(cert, key)]
+        if problem is not None:
+            yield _err(at("tls_certificate"), f"TLS certificate {cert} does not load: {problem}")
+
+
+def _tls_load_error(cert: Path, key: Path | None) -> str | None:
+    """Why ``cert``/``key`` cannot serve TLS (not PEM, key does not match), or None."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(str(cert), str(key) if key is not None else None)
+    except (OSError, ValueError) as exc:
+        return str(exc) or type(exc).__name__
+    return None
+
+
 RULES: tuple[Rule, ...] = (
     check_identity,
     check_held_addresses,
@@ -347,6 +408,7 @@ RULES: tuple[Rule, ...] = (
     check_timers,
     check_control,
     check_smtp_limits,
+    check_tls,
 )
 
 
