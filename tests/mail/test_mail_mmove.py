@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from duravip.config.model import Config, HostPort
 from duravip.mail import mmove_auth as auth
 from duravip.mail.mmove import client_preamble, server_preamble
+from duravip.mail.mmove_crypto import OVERHEAD
 from duravip.mail.router import MailqRow
 from duravip.mail.service import MailService, serve
 
@@ -233,18 +234,17 @@ async def test_preamble_round_trip_and_refusal() -> None:
     key = os.urandom(32)
     with trio.fail_after(5):
         a, b = trio.testing.memory_stream_pair()
-        out: dict[str, tuple[bytes, int]] = {}
+        out: dict[str, int] = {}
 
         async def server() -> None:
-            out["rest"] = await server_preamble(a, [os.urandom(16), key], "c1")
-            await a.send_all(b"220 hi\r\n")
+            sealed, out["index"] = await server_preamble(a, [os.urandom(16), key], "c1")
+            await sealed.send_all(b"220 hi\r\n")
 
         async with trio.open_nursery() as n:
             n.start_soon(server)
-            rest = await client_preamble(b, key, "c1")
-            if not rest:
-                rest = bytes(await b.receive_some(100))
-        assert rest == b"220 hi\r\n" and out["rest"] == (b"", 1)  # the second key worked
+            client = await client_preamble(b, key, "c1")
+            got = bytes(await client.receive_some(100))
+        assert got == b"220 hi\r\n" and out["index"] == 1  # the second key worked
 
         a, b = trio.testing.memory_stream_pair()
         server_failed: list[str] = []
@@ -260,6 +260,46 @@ async def test_preamble_round_trip_and_refusal() -> None:
             with pytest.raises(auth.AuthError, match="refused"):
                 await client_preamble(b, key, "c1")
         assert server_failed == ["no key matches"]
+
+
+async def test_after_the_preamble_only_sealed_frames_cross() -> None:
+    """The banner and everything after it are AES-GCM frames, not SMTP text."""
+    key = os.urandom(32)
+    with trio.fail_after(5):
+        a, b = trio.testing.memory_stream_pair()
+
+        async def server() -> None:
+            sealed, _ = await server_preamble(a, [key], "c1")
+            await sealed.send_all(b"220 n2 ESMTP duravip\r\n")
+
+        async with trio.open_nursery() as n:
+            n.start_soon(server)
+            line = b""
+            while line.count(b"\r\n") < 1:
+                line += await b.receive_some(1)
+            reply, nonce_s, nonce_c = auth.client_response(line[:-2], key, "c1")
+            await b.send_all(reply)
+            banner = b"220 n2 ESMTP duravip\r\n"
+            want = 64 + 2 + len(banner) + OVERHEAD  # the proof line, then one frame
+            raw = b""
+            while len(raw) < want:
+                chunk = await b.receive_some(4096)
+                assert chunk
+                raw += chunk
+        assert len(raw) == want
+        proof, sealed_bytes = raw[:64], raw[66:]
+        auth.client_verify(proof, key, nonce_s, nonce_c, "c1")
+        assert sealed_bytes and b"ESMTP" not in sealed_bytes and b"220" not in sealed_bytes
+
+
+async def test_wire_version_mismatch_is_a_clean_auth_error() -> None:
+    """A v1 (plaintext) receiver: the sender refuses at the banner, it does not hang."""
+    with trio.fail_after(5):
+        a, b = trio.testing.memory_stream_pair()
+        await a.send_all(b"DVMMOVE1 " + auth.new_nonce().encode() + b"\r\n")
+        with pytest.raises(auth.AuthError, match="version"):
+            await client_preamble(b, os.urandom(32), "c1")
+    assert auth.server_challenge(auth.new_nonce()).startswith(b"DVMMOVE2 ")
 
 
 def test_auth_rejects_replay_and_reflection() -> None:
@@ -283,3 +323,145 @@ def test_xtext_round_trip(value: str) -> None:
     enc = auth.xtext_encode(value)
     assert all(33 <= ord(c) <= 126 and c != "=" for c in enc)
     assert auth.xtext_decode(enc) == value
+
+
+# ------------------------------------------------- a man in the middle (issue 14)
+
+
+class TamperProxy:
+    """A TCP relay between a sender and a receiver's listener that flips one byte.
+
+    ``c2s_at``: flip byte number N the sender sends after its preamble line.
+    ``s2c_after``: flip the first byte the receiver sends once the sender has sent
+    more than N bytes after its preamble line (with a big body: the final ``250``).
+    Every connection is tampered with the same way; ``connections`` counts them.
+    """
+
+    def __init__(
+        self, target: HostPort, *, c2s_at: int | None = None, s2c_after: int | None = None
+    ) -> None:
+        self.target = target
+        self.c2s_at = c2s_at
+        self.s2c_after = s2c_after
+        self.connections = 0
+        self.flipped = 0
+
+    async def handle(self, client: trio.SocketStream) -> None:
+        self.connections += 1
+        server = await trio.open_tcp_stream(str(self.target.host), self.target.port)
+        state = {"line": b"", "sent": -1, "s2c_done": False}
+
+        def c2s(chunk: bytes) -> bytes:
+            out = bytearray(chunk)
+            start = 0
+            if state["sent"] < 0:  # still inside the preamble line
+                state["line"] += chunk
+                i = state["line"].find(b"\r\n")
+                if i < 0:
+                    return chunk
+                start = len(chunk) - (len(state["line"]) - i - 2)
+                state["sent"] = 0
+            for j in range(start, len(out)):
+                if self.c2s_at is not None and state["sent"] == self.c2s_at:
+                    out[j] ^= 0x01
+                    self.flipped += 1
+                state["sent"] += 1
+            return bytes(out)
+
+        def s2c(chunk: bytes) -> bytes:
+            if self.s2c_after is None or state["s2c_done"] or state["sent"] <= self.s2c_after:
+                return chunk
+            state["s2c_done"] = True
+            self.flipped += 1
+            return bytes([chunk[0] ^ 0x01]) + chunk[1:]
+
+        async def pump(
+            src: trio.SocketStream, dst: trio.SocketStream, f: Callable[[bytes], bytes]
+        ) -> None:
+            try:
+                while chunk := await src.receive_some(65536):
+                    await dst.send_all(f(bytes(chunk)))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+        async with server, trio.open_nursery() as n:
+
+            async def one_way(
+                src: trio.SocketStream, dst: trio.SocketStream, f: Callable[[bytes], bytes]
+            ) -> None:
+                await pump(src, dst, f)
+                n.cancel_scope.cancel()  # one side gone: end the relay
+
+            n.start_soon(one_way, client, server, c2s)
+            n.start_soon(one_way, server, client, s2c)
+
+
+async def _proxy(nursery: trio.Nursery, proxy: TamperProxy) -> HostPort:
+    from functools import partial
+    from ipaddress import IPv4Address
+
+    listeners = await nursery.start(partial(trio.serve_tcp, proxy.handle, 0, host="127.0.0.1"))
+    return HostPort(IPv4Address("127.0.0.1"), listeners[0].socket.getsockname()[1])
+
+
+BIG_BODY = b"".join(b"line %04d of a moved message body\r\n" % i for i in range(120))  # ~4.3 KB
+
+
+async def test_mitm_flipping_a_byte_of_the_body_fails_the_move_and_the_sender_keeps_it(
+    tmp_path: Path, keys: Keys
+) -> None:
+    with trio.fail_after(20):
+        async with trio.open_nursery() as n:
+            p = await _pair(n, tmp_path, keys, keys, closed_port(), closed_port(), retry_base=5.0)
+            a_addr, b_addr = p.a.cluster_address, p.b.cluster_address
+            assert a_addr is not None and b_addr is not None
+            proxy = TamperProxy(b_addr, c2s_at=2000)  # inside the DATA frame
+            via = await _proxy(n, proxy)
+            mapping: dict[str, str | None] = {"b1": "n2", "ga": None, "gb": None}
+            p.b.set_holders(mapping, local="n2", peers={"n1": a_addr, "n2": b_addr})
+            p.a.set_holders(mapping, local="n1", peers={"n1": a_addr, "n2": via})
+            sent = envelope("b1", body=BIG_BODY)
+            await p.a.sink.accept(sent)
+            await _until(lambda: p.a.counters["mmove_failed"] >= 1)
+            assert proxy.flipped >= 1
+            # The receiver refused the frame, stored nothing; the sender still has it.
+            assert p.b.counters.get("mmove_frame_rejected", 0) >= 1
+            assert len(p.b.spool) == 0 and p.b.counters["mmove_received"] == 0
+            assert len(p.a.spool) == 1 and p.a.counters["mmove_sent"] == 0
+            # Without the attacker, the same message moves, byte-identical.
+            p.a.set_holders(mapping, local="n1", peers={"n1": a_addr, "n2": b_addr})
+            await p.a.hand_over(5.0)
+            await _until(lambda: p.b.counters["mmove_received"] == 1)
+            (moved,) = list(p.b.spool.iter())
+            assert p.b.spool.read_data(moved.id) == sent.data
+            assert moved.mail_from == sent.mail_from and moved.rcpt_to == sent.rcpt_to
+            n.cancel_scope.cancel()
+    assert len(p.a.spool) == 0
+
+
+async def test_mitm_flipping_a_byte_of_the_250_keeps_the_message_at_the_sender(
+    tmp_path: Path, keys: Keys
+) -> None:
+    """The receiver stored it, but the sender never saw an intact 250: it keeps its
+    copy and the retry is recognised as a duplicate (exactly one copy at the end)."""
+    with trio.fail_after(20):
+        async with trio.open_nursery() as n:
+            p = await _pair(n, tmp_path, keys, keys, closed_port(), closed_port(), retry_base=5.0)
+            a_addr, b_addr = p.a.cluster_address, p.b.cluster_address
+            assert a_addr is not None and b_addr is not None
+            proxy = TamperProxy(b_addr, s2c_after=3000)
+            via = await _proxy(n, proxy)
+            mapping: dict[str, str | None] = {"b1": "n2", "ga": None, "gb": None}
+            p.b.set_holders(mapping, local="n2", peers={"n1": a_addr, "n2": b_addr})
+            p.a.set_holders(mapping, local="n1", peers={"n1": a_addr, "n2": via})
+            await p.a.sink.accept(envelope("b1", body=BIG_BODY))
+            await _until(lambda: p.a.counters["mmove_failed"] >= 1)
+            assert proxy.flipped == 1
+            assert p.a.counters.get("mmove_frame_rejected", 0) == 1
+            assert len(p.a.spool) == 1 and p.a.counters["mmove_sent"] == 0
+            p.a.set_holders(mapping, local="n1", peers={"n1": a_addr, "n2": b_addr})
+            await p.a.hand_over(5.0)
+            await _until(lambda: len(p.a.spool) == 0)
+            n.cancel_scope.cancel()
+    assert p.b.counters["mmove_received"] == 1 and p.b.counters["mmove_dup"] == 1
+    assert len(p.b.spool) == 1

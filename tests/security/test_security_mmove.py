@@ -158,12 +158,12 @@ async def _listener(
 
     async def still_serves() -> None:
         stream = await trio.open_tcp_stream("127.0.0.1", port)
-        rest = await client_preamble(stream, KEY, CLUSTER)
-        buf = rest
+        sealed = await client_preamble(stream, KEY, CLUSTER)
+        buf = b""
         while b"\r\n" not in buf:
-            buf += await stream.receive_some(4096)
+            buf += await sealed.receive_some(4096)
         assert buf.startswith(b"220 rx ")
-        await stream.aclose()
+        await sealed.aclose()
 
     return addr, still_serves
 
@@ -336,6 +336,7 @@ _BUSY_PEER = _raw(mmove.BUSY)
         _raw(b"220 not an mmove listener\r\n"),
         _BUSY_PEER,
         _raw(b"\xff" * (auth.MAX_LINE + 10)),
+        _raw(b"DVMMOVE1 " + b"ab" * 32 + b"\r\n"),  # a plaintext (v1) receiver
     ],
 )
 async def test_fake_peer_answering_garbage_fails_the_move_not_the_node(
@@ -406,18 +407,85 @@ async def test_receiver_normalizes_a_bare_newline_body_from_an_authenticated_pee
         async with trio.open_nursery() as nursery:
             addr, _ = await _listener(nursery, receiver)  # default limits: bare_newline=reject
             stream = await trio.open_tcp_stream(str(addr.host), addr.port)
-            buf = await client_preamble(stream, KEY, CLUSTER)
-            await stream.send_all(
+            sealed = await client_preamble(stream, KEY, CLUSTER)
+            await sealed.send_all(
                 b"EHLO tx\r\nMAIL FROM:<a@x> XMMOVEID=m1 XQID=q1\r\nRCPT TO:<b@y>\r\nDATA\r\n"
                 b"x\n.\r\nMAIL FROM:<evil@x>\r\n.\r\nQUIT\r\n"
             )
+            buf = b""
             while b"221 " not in buf:
-                chunk = await stream.receive_some(4096)
+                chunk = await sealed.receive_some(4096)
                 if not chunk:
                     break
                 buf += chunk
-            await stream.aclose()
+            await sealed.aclose()
             nursery.cancel_scope.cancel()
     assert b"250 2.0.0 Ok: queued as" in buf, buf
     (msg,) = list(spool.iter())
     assert spool.read_data(msg.id) == b"x\r\n.\r\nMAIL FROM:<evil@x>\r\n"
+
+
+# ------------------------------------- after the preamble: sealed frames only (issue 14)
+
+
+async def _authenticated_raw(addr: HostPort) -> trio.SocketStream:
+    """A key holder that runs the preamble by hand and then writes raw bytes."""
+    stream = await trio.open_tcp_stream(str(addr.host), addr.port)
+    line = b""
+    while not line.endswith(b"\r\n"):
+        line += await stream.receive_some(1)
+    reply, nonce_s, nonce_c = auth.client_response(line[:-2], KEY, CLUSTER)
+    await stream.send_all(reply)
+    proof = b""
+    while not proof.endswith(b"\r\n"):
+        proof += await stream.receive_some(1)
+    auth.client_verify(proof[:-2], KEY, nonce_s, nonce_c, CLUSTER)
+    return stream
+
+
+async def test_plaintext_smtp_after_the_preamble_is_refused(spool: Spool) -> None:
+    """Even a key holder (an old v1 sender) cannot talk clear SMTP: nothing is
+    stored, the frame is counted as rejected and the listener keeps serving."""
+    counters: dict[str, int] = {}
+    receiver = Receiver(spool, counters)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            addr, still_serves = await _listener(nursery, receiver)
+            stream = await _authenticated_raw(addr)
+            await stream.send_all(
+                b"EHLO tx\r\nMAIL FROM:<a@x> XMMOVEID=m1 XQID=q1\r\nRCPT TO:<b@y>\r\n"
+                b"DATA\r\nhello\r\n.\r\nQUIT\r\n"
+            )
+            got = await _read_until_closed(stream)
+            await stream.aclose()
+            assert b"250" not in got and b"354" not in got
+            await still_serves()
+            nursery.cancel_scope.cancel()
+    assert counters["mmove_frame_rejected"] == 1
+    assert counters.get("mmove_received", 0) == 0 and len(spool) == 0
+
+
+async def test_oversized_frame_from_a_key_holder_is_refused_on_its_header(spool: Spool) -> None:
+    """A sealed header announcing 1 GiB ends the connection at once: no wait for
+    (or buffer of) the payload."""
+    from duravip.mail.mmove_crypto import FrameSealer, derive_keys
+
+    counters: dict[str, int] = {}
+    receiver = Receiver(spool, counters)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            addr, still_serves = await _listener(nursery, receiver)
+            stream = trio.SocketStream(trio.socket.socket())
+            await stream.socket.connect((str(addr.host), addr.port))
+            line = b""
+            while not line.endswith(b"\r\n"):
+                line += await stream.receive_some(1)
+            reply, nonce_s, nonce_c = auth.client_response(line[:-2], KEY, CLUSTER)
+            await stream.send_all(reply)
+            keys = derive_keys(KEY, nonce_s, nonce_c, CLUSTER)
+            await stream.send_all(FrameSealer(keys.client_to_server).seal_header(1 << 30))
+            await _read_until_closed(stream)  # closed without waiting for 1 GiB
+            await stream.aclose()
+            await still_serves()
+            nursery.cancel_scope.cancel()
+    assert counters["mmove_frame_rejected"] == 1

@@ -10,8 +10,12 @@ mistaken for a duplicate. The key is durable with the message and outlives it
 (the spool's ``SEEN`` checkpoints), so a retry after the message was already
 delivered is still answered ``250`` without storing it again.
 
+After the preamble both directions are sealed (:mod:`duravip.mail.mmove_crypto`):
+the SMTP driver and client run unchanged on a :class:`SealedStream`, and a
+rejected frame ends the connection (``mmove_frame_rejected``).
+
 Sender: one authenticated connection per batch; a message is removed from the
-local spool only after the receiver's ``250``.
+local spool only after the receiver's ``250`` arrived in an intact frame.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import trio
 
 from duravip.config.model import HostPort, SmtpLimits
 from duravip.mail import mmove_auth as auth
+from duravip.mail.mmove_crypto import FrameRejected, SealedStream, derive_keys
 from duravip.mail.router import DEFAULT
 from duravip.mail.smtpclient import SmtpError, SmtpSession, open_tcp
 from duravip.mail.spool import NewMessage, Spool, SpoolError
@@ -58,26 +63,45 @@ async def _read_line(stream: trio.abc.Stream, buf: bytes) -> tuple[bytes, bytes]
 
 
 async def server_preamble(
-    stream: trio.abc.Stream, keys: Sequence[bytes], cluster: str
-) -> tuple[bytes, int]:
+    stream: trio.abc.Stream,
+    keys: Sequence[bytes],
+    cluster: str,
+    *,
+    on_reject: Callable[[FrameRejected], None] | None = None,
+) -> tuple[SealedStream, int]:
     """Run the server side of the challenge-response.
 
-    Returns the bytes read past it and the index of the keyring key the peer used.
+    Returns the sealed stream the session continues on (keyed from the keyring
+    key the peer proved and both nonces) and that key's index in ``keys``.
     """
     nonce_s = auth.new_nonce()
     await stream.send_all(auth.server_challenge(nonce_s))
     try:
         line, rest = await _read_line(stream, b"")
-        proof, key_index = auth.server_verify_key(line, nonce_s, keys, cluster)
+        verified = auth.server_accept(line, nonce_s, keys, cluster)
     except auth.AuthError:
         await stream.send_all(auth.REFUSAL)
         raise
-    await stream.send_all(proof)
-    return rest, key_index
+    await stream.send_all(verified.proof)
+    session = derive_keys(verified.key, nonce_s, verified.nonce_c, cluster)
+    sealed = SealedStream(
+        stream,
+        session.server_to_client,
+        session.client_to_server,
+        initial=rest,
+        on_reject=on_reject,
+    )
+    return sealed, verified.key_index
 
 
-async def client_preamble(stream: trio.abc.Stream, key: bytes, cluster: str) -> bytes:
-    """Run the client side; returns bytes the server sent past its proof (the SMTP banner)."""
+async def client_preamble(
+    stream: trio.abc.Stream,
+    key: bytes,
+    cluster: str,
+    *,
+    on_reject: Callable[[FrameRejected], None] | None = None,
+) -> SealedStream:
+    """Run the client side; returns the sealed stream (the SMTP banner comes next, sealed)."""
     line, rest = await _read_line(stream, b"")
     if line == BUSY.rstrip():
         raise MoveFailed("receiver busy (connection cap), retry later")
@@ -87,7 +111,26 @@ async def client_preamble(stream: trio.abc.Stream, key: bytes, cluster: str) -> 
     if proof.startswith(b"-ERR"):
         raise auth.AuthError("refused by the receiver (keyring mismatch?)")
     auth.client_verify(proof, key, nonce_s, nonce_c, cluster)
-    return rest
+    session = derive_keys(key, nonce_s, nonce_c, cluster)
+    return SealedStream(
+        stream,
+        session.client_to_server,
+        session.server_to_client,
+        initial=rest,
+        on_reject=on_reject,
+    )
+
+
+def _frame_rejected(
+    counters: MutableMapping[str, int], peer: str
+) -> Callable[[FrameRejected], None]:
+    def note(exc: FrameRejected) -> None:
+        # Tampering on the path (or a broken peer): the connection ends, and with
+        # it any transaction in flight; the sender keeps what had no intact 250.
+        _bump(counters, "mmove_frame_rejected")
+        log.warning("%s: connection with %s ended: %s", SERVICE, peer, exc)
+
+    return note
 
 
 class Receiver:
@@ -241,7 +284,12 @@ async def serve_listener(
             return
         try:
             with trio.fail_after(PREAMBLE_TIMEOUT):
-                rest, key_index = await server_preamble(stream, keys(), cluster)
+                sealed, key_index = await server_preamble(
+                    stream,
+                    keys(),
+                    cluster,
+                    on_reject=_frame_rejected(receiver.counters, str(peer[0])),
+                )
         except (
             auth.AuthError,
             trio.TooSlowError,
@@ -258,17 +306,16 @@ async def serve_listener(
         _bump(receiver.counters, "mmove_auth_primary" if key_index == 0 else "mmove_auth_secondary")
         with trio.CancelScope() as scope:
             await handle_connection(
-                stream,
+                sealed,
                 settings=settings,
                 sink=_ConnSink(receiver, scope),
                 peer=(peer[0], peer[1]),
                 local=(local[0], local[1]),
                 shutdown=shutdown,
                 greeting=False,
-                initial_data=rest,
             )
         if scope.cancelled_caught:
-            await trio.aclose_forcefully(stream)
+            await trio.aclose_forcefully(sealed)
 
     await trio.serve_listeners(handle, listeners, task_status=task_status)
 
@@ -319,10 +366,12 @@ async def move_batch(
         try:
             try:
                 with trio.fail_after(PREAMBLE_TIMEOUT):
-                    rest = await client_preamble(stream, key, cluster)
+                    sealed = await client_preamble(
+                        stream, key, cluster, on_reject=_frame_rejected(counters, node)
+                    )
             except trio.TooSlowError as exc:
                 raise auth.AuthError(f"no preamble within {PREAMBLE_TIMEOUT}s") from exc
-            session = SmtpSession(stream, timeout=timeout, leftover=rest)
+            session = SmtpSession(sealed, timeout=timeout)
             await session.start(helo)
             if EHLO_KEYWORD not in session.proto.extensions:
                 raise MoveFailed(f"{node} does not offer {EHLO_KEYWORD}")

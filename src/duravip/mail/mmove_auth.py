@@ -1,18 +1,21 @@
 """The mmove preamble: mutual challenge-response proving cluster membership (pure).
 
-Before any SMTP on the ``ECCluster_Listener``::
+Before anything else on the ``ECCluster_Listener``::
 
-    S: DVMMOVE1 <nonce_s>\\r\\n
-    C: <nonce_c> <HMAC-SHA256(key, "c" | nonce_s | nonce_c | cluster)>\\r\\n
-    S: <HMAC-SHA256(key, "s" | nonce_c | nonce_s | cluster)>\\r\\n      (or "-ERR auth" and close)
-    S: 220 ... (SMTP starts)
+    S: DVMMOVE2 <nonce_s>\\r\\n
+    C: <nonce_c> <HMAC-SHA256(key, "DVMMOVE2" | "c" | nonce_s | nonce_c | cluster)>\\r\\n
+    S: <HMAC-SHA256(key, "DVMMOVE2" | "s" | nonce_c | nonce_s | cluster)>\\r\\n
+                                                   (or "-ERR auth" and close)
+    then AES-GCM frames both ways (:mod:`duravip.mail.mmove_crypto`), SMTP inside.
 
 Nonces are 32 random bytes, hex. The client proves with its primary key; the
 server tries every key of its keyring (rotation), then proves back with the
 key that matched, so a client never talks SMTP to an impostor. The direction
 tag and both nonces in each MAC stop reflection and replay; only MACs and
-nonces cross the wire, never a key. The SMTP that follows is not encrypted:
-see ``docs/mail.md``.
+nonces cross the wire, never a key. The banner word is the wire version
+(``DVMMOVE1`` was plaintext SMTP after the proof): it is in every MAC and in
+the key derivation, and a peer of another version fails with an
+:class:`AuthError` at the first line. See ``docs/mail.md``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,11 @@ import re
 import secrets
 from collections.abc import Sequence
 
-BANNER = b"DVMMOVE1"
+from attrs import frozen
+
+#: The wire version: 2 = sealed frames after the proof (1, plaintext SMTP, is gone).
+BANNER = b"DVMMOVE2"
+_BANNER_FAMILY = b"DVMMOVE"
 NONCE_BYTES = 32
 #: Longest preamble line either side accepts.
 MAX_LINE = 256
@@ -43,7 +50,7 @@ _HEX64 = re.compile(rb"[0-9a-f]{64}")
 
 
 def _mac(key: bytes, tag: bytes, first: str, second: str, cluster: str) -> bytes:
-    msg = b"|".join([tag, first.encode(), second.encode(), cluster.encode()])
+    msg = b"|".join([BANNER, tag, first.encode(), second.encode(), cluster.encode()])
     return hmac.new(key, msg, hashlib.sha256).hexdigest().encode("ascii")
 
 
@@ -66,6 +73,12 @@ def server_challenge(nonce_s: str) -> bytes:
 def client_response(challenge_line: bytes, key: bytes, cluster: str) -> tuple[bytes, str, str]:
     """Answer the server's challenge: the line to send, ``nonce_s`` and ``nonce_c``."""
     parts = challenge_line.strip().split(b" ")
+    if len(parts) == 2 and parts[0] != BANNER and parts[0].startswith(_BANNER_FAMILY):
+        theirs = parts[0][len(_BANNER_FAMILY) :].decode("ascii", "replace")[:8]
+        raise AuthError(
+            f"mmove wire version mismatch: the receiver speaks version {theirs!r}, "
+            f"this node {BANNER[len(_BANNER_FAMILY) :].decode()!r} (upgrade both)"
+        )
     if len(parts) != 2 or parts[0] != BANNER:
         raise AuthError("not an mmove listener")
     nonce_s = _hex_field(parts[1])
@@ -88,6 +101,24 @@ def server_verify_key(
 
     During a key rotation the index tells whether peers still use the old key.
     """
+    v = server_accept(response_line, nonce_s, keys, cluster)
+    return v.proof, v.key_index
+
+
+@frozen
+class Verified:
+    """A client that proved a key: what the server answers and derives session keys from."""
+
+    proof: bytes
+    key_index: int
+    key: bytes
+    nonce_c: str
+
+
+def server_accept(
+    response_line: bytes, nonce_s: str, keys: Sequence[bytes], cluster: str
+) -> Verified:
+    """Check the client's proof against every key; the proof line to send, and what matched."""
     parts = response_line.strip().split(b" ")
     if len(parts) != 2:
         raise AuthError("malformed response")
@@ -99,7 +130,9 @@ def server_verify_key(
         raise AuthError("malformed MAC")
     for index, key in enumerate(keys):
         if hmac.compare_digest(_mac(key, b"c", nonce_s, nonce_c, cluster), given):
-            return _mac(key, b"s", nonce_c, nonce_s, cluster) + b"\r\n", index
+            return Verified(
+                _mac(key, b"s", nonce_c, nonce_s, cluster) + b"\r\n", index, key, nonce_c
+            )
     raise AuthError("no key matches")
 
 
