@@ -75,6 +75,30 @@ def render_config(spec: LabSpec, i: int, state_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def with_tls(text: str, certificate: Path, key: Path, mode: str = "optional") -> str:
+    """``text`` (as ``render_config`` writes it) with STARTTLS on every ESMTP ``Listen``.
+
+    Adds ``tls_certificate``, ``tls_key`` and ``tls`` inside each listener's
+    braces; other stanzas (``ECCluster_Listener``, ``Metrics``, control) are
+    left alone. A test calls it between ``lab up`` and ``start``, or before a reload.
+    """
+    if mode not in ("optional", "required", "off"):
+        raise ValueError(f"tls mode must be optional, required or off, not {mode!r}")
+    keys = f'tls_certificate = "{certificate}" tls_key = "{key}" tls = {mode}'
+    out: list[str] = []
+    inside = False
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("ESMTP_Listener"):
+            inside = True
+        elif inside and stripped == "}":
+            inside = False
+        elif inside and stripped.startswith("Listen ") and line.rstrip().endswith("}"):
+            line = line.rstrip()[:-1].rstrip() + f" {keys} }}"
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
 # --- reading the configs back (for `status`) ---------------------------------------------------
 
 _BINDING_RE = re.compile(r'Binding\s+"?([\w.#-]+)"?\s*\{([^{}]*)\}', re.IGNORECASE)

@@ -64,8 +64,10 @@ class TestCA:
         self.ca_file = directory / "ca.pem"
         self.ca_file.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, stem: str, hostname: str = "localhost", ip: str = "127.0.0.1") -> ServerFiles:
-        """``<stem>.crt`` and ``<stem>.key`` (mode 0600) for ``hostname`` and ``ip``."""
+    def issue(
+        self, stem: str, hostname: str = "localhost", ip: str = "127.0.0.1", *more_ips: str
+    ) -> ServerFiles:
+        """``<stem>.crt`` and ``<stem>.key`` (mode 0600) for ``hostname`` and the IPs."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         serial = x509.random_serial_number()
@@ -79,7 +81,10 @@ class TestCA:
             .not_valid_after(now + datetime.timedelta(days=1))
             .add_extension(
                 x509.SubjectAlternativeName(
-                    [x509.DNSName(hostname), x509.IPAddress(ipaddress.ip_address(ip))]
+                    [
+                        x509.DNSName(hostname),
+                        *(x509.IPAddress(ipaddress.ip_address(a)) for a in (ip, *more_ips)),
+                    ]
                 ),
                 critical=False,
             )
