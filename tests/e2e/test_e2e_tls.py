@@ -3,7 +3,8 @@
 Two real daemons whose ESMTP listeners have ``tls = required`` with a
 certificate from a throw-away CA; swaks (``--tls``) and Python's
 ``smtplib.starttls()`` run in the client namespace, and the sink records each
-message exactly once. A plaintext MAIL is refused with ``530``.
+message exactly once. A plaintext MAIL is refused with ``530``. Then a new
+certificate and ``config reload``: the next session sees the new certificate.
 """
 
 from __future__ import annotations
@@ -58,6 +59,14 @@ with smtplib.SMTP(ip, 25, timeout=15) as s:
            "Message-ID: " + mid + "\\r\\n\\r\\nhello over STARTTLS\\r\\n")
     refused = s.sendmail("tls@example.org", ["user@example.net"], msg)
 print(json.dumps({"offered": offered, "plain": plain, "version": version, "refused": refused}))
+"""
+
+
+PEER_SERIAL = """
+import smtplib, ssl, sys
+with smtplib.SMTP(sys.argv[1], 25, timeout=15) as s:
+    s.starttls(context=ssl.create_default_context(cafile=sys.argv[2]))
+    print(s.sock.getpeercert()["serialNumber"])
 """
 
 
@@ -124,6 +133,18 @@ def test_swaks_and_smtplib_deliver_over_starttls(lab_factory: Callable[..., Any]
         assert len(seen) == 2
         # Nothing sent in plaintext reached the sink.
         assert not any(r.get("mail_from") == "plain@example.org" for r in lab.sink_log())
+
+        # A new certificate takes effect on `config reload` (as on SIGHUP).
+        new = ca.issue("mx2", "mx.lab.example", VIP1, VIP2, "10.1.2.1")
+        for node in lab.nodes:
+            path = lab.config_path(node)
+            text = path.read_text().replace(str(files.certificate), str(new.certificate))
+            path.write_text(text.replace(str(files.key), str(new.key)))
+            p = lab.console(node, "config", "reload")
+            assert p.returncode == 0, p.stdout + p.stderr
+        p = lab.exec("client", [sys.executable, "-c", PEER_SERIAL, VIP1, str(ca.ca_file)])
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert int(p.stdout.strip(), 16) == new.serial
     finally:
         lab.down()
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)

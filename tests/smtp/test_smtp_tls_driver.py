@@ -403,3 +403,31 @@ def test_server_context_refuses_tls_1_1(ca: TestCA) -> None:
     files = ca.issue("server")
     ctx = server_context(files.certificate, files.key)
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+
+
+async def test_stopping_the_listener_says_421_inside_tls(ca: TestCA) -> None:
+    """An idle TLS session at stop_ip gets its 421 over TLS, then the connection closes."""
+    files = ca.issue("server")
+    port = free_port()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            manager: ListenerManager = await nursery.start(
+                partial(
+                    serve,
+                    config=tls_config(port, files),
+                    sink=Sink(),
+                    settings=ServerSettings(hostname=HOST),
+                )
+            )
+            tls, buf = await tls_client(port, ca.client_context())
+            await tls.send_all(b"EHLO c\r\n")
+            await read_reply(tls, buf)
+            manager.set_config(
+                Config(
+                    cluster=ClusterConfig(name="t", node_name=HOST, gossip_address=HostPort(IP, 1))
+                )
+            )
+            rest = bytes(buf) + await read_to_eof(tls)
+            assert rest == b"421 4.3.2 node-s Service shutting down\r\n"
+            await trio.aclose_forcefully(tls)
+            nursery.cancel_scope.cancel()
