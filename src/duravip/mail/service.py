@@ -53,6 +53,8 @@ COUNTERS = (
     "mmove_dup",
     "mmove_auth_failed",
     "mmove_failed",
+    # A sealed mmove frame failed (tampering on the path, or a broken peer).
+    "mmove_frame_rejected",
     # Found by the spool's recovery at open (see Spool.recovery).
     "spool_torn_tails",
     "spool_corrupt_regions",
