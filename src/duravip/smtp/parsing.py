@@ -24,10 +24,9 @@ __all__ = [
 #: Characters never valid in an unquoted path: controls, space, DEL, brackets.
 _BAD_ADDR_CHAR = re.compile(r"[\x00-\x20\x7f<>]")
 
-#: Commands we recognise but do not implement: 502, not 500.
-UNIMPLEMENTED = frozenset(
-    {"EXPN", "TURN", "ETRN", "AUTH", "STARTTLS", "BDAT", "ATRN", "SEND", "SOML", "SAML"}
-)
+#: Commands we recognise but do not implement: 502, not 500 (STARTTLS is the
+#: server's own handler: 502 there too on a listener without TLS).
+UNIMPLEMENTED = frozenset({"EXPN", "TURN", "ETRN", "AUTH", "BDAT", "ATRN", "SEND", "SOML", "SAML"})
 
 
 @frozen
