@@ -130,6 +130,15 @@ class ClusterConfig:
     garp_interval: float = 0.6
     #: How long an old holder lets SMTP sessions finish before it unplumbs.
     drain_timeout: float = 2.0
+    #: ``false``: a returning candidate leaves an IP with its live holder
+    #: (keepalived ``nopreempt``); ``preempt_delay``: it waits that long after
+    #: becoming a candidate before it takes an IP back. Per binding overridable.
+    preempt: bool = True
+    preempt_delay: float = 0.0
+    #: Notify hooks: a program run per local transition, and/or a FIFO written.
+    notify: Path | None = None
+    notify_fifo: Path | None = None
+    notify_timeout: float = 5.0
 
 
 @frozen
@@ -163,6 +172,9 @@ class Binding:
     duravip_preference: str | None = None
     #: The ``Binding_Group`` this binding sits in, if any.
     group: str | None = None
+    #: Overrides of the cluster's ``preempt`` / ``preempt_delay`` for this binding's IP.
+    preempt: bool | None = None
+    preempt_delay: float | None = None
     loc: SourceLoc | None = field(default=None, eq=False)
 
 
@@ -211,6 +223,30 @@ class SmtpLimits:
     bare_newline: BareNewline = "reject"
 
 
+HealthKind = Literal["smtp", "spool", "link", "script"]
+
+
+@frozen
+class HealthCheck:
+    """One ``Health_Check "NAME" { }``: a probe that can make this node ineligible."""
+
+    name: str
+    kind: HealthKind
+    rise: int = 2
+    fall: int = 3
+    interval: float = 1.0
+    timeout: float = 1.0
+    #: ``script``: the program (exit 0 = healthy).
+    path: Path | None = None
+    #: ``spool``: free bytes the spool file system must keep.
+    min_free: int = 0
+    #: Flapping: ``flap_limit`` changes within ``hold_down`` s keep the check
+    #: failed for ``hold_down`` s instead of following every change.
+    flap_limit: int = 6
+    hold_down: float = 60.0
+    loc: SourceLoc | None = field(default=None, eq=False)
+
+
 @frozen
 class MetricsConfig:
     listen: HostPort | None = None
@@ -231,6 +267,7 @@ class Config:
     #: Every binding, including those inside groups (``Binding.group`` says which).
     bindings: tuple[Binding, ...] = ()
     groups: tuple[BindingGroup, ...] = ()
+    health: tuple[HealthCheck, ...] = ()
     source: str = "<string>"
     duravips: Mapping[IPv4Address, DuraVip] = Factory(dict)
     """Derived by the structurer: every DuraVIP IP with what runs on it."""

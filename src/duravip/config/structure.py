@@ -28,6 +28,7 @@ from duravip.config.model import (
     Config,
     ControlConfig,
     DeliveryConfig,
+    HealthCheck,
     HostPort,
     Listener,
     MetricsConfig,
@@ -56,6 +57,11 @@ _DELIVERY_TYPES: Final = field_types(DeliveryConfig)
 _SMTP_TYPES: Final = field_types(SmtpLimits)
 _CONTROL_LISTEN_TYPES: Final = {"mode": int, "group": str}
 _TOP_TYPES: Final = {"use_iflist_cache": bool}
+_HEALTH_TYPES: Final = {
+    ("type" if k == "kind" else k): v
+    for k, v in field_types(HealthCheck).items()
+    if k != "name"
+}
 
 #: Canonical spellings, used in "did you mean" hints and docs.
 TOP_STANZAS: Final = (
@@ -69,6 +75,7 @@ TOP_STANZAS: Final = (
     "ESMTP_Listener",
     "Binding",
     "Binding_Group",
+    "Health_Check",
 )
 
 
@@ -107,6 +114,7 @@ class _Structurer(StanzaReader):
             g = self.group(st, bindings)
             if g is not None:
                 group_list.append(g)
+        health = [h for i, st in enumerate(groups["health_check"]) if (h := self.health(st, i))]
         if any(d.is_error for d in self.diags) or cluster is None:
             return None, self.locs, self.diags
         held = {cluster.gossip_address.host}
@@ -125,6 +133,7 @@ class _Structurer(StanzaReader):
             listeners=tuple(listeners),
             bindings=tuple(bindings),
             groups=tuple(group_list),
+            health=tuple(health),
             source=self.doc.source,
             duravips=duravips,
         )
@@ -261,6 +270,25 @@ class _Structurer(StanzaReader):
                 bindings.append(b)
                 names.append(b.name)
         return BindingGroup(name=st.arg.text, bindings=tuple(names), loc=st.loc)
+
+    def health(self, st: Stanza, index: int) -> HealthCheck | None:
+        """``Health_Check "NAME" { type = ... }``; ``type`` defaults to NAME when it is a kind."""
+        if not self.want_block(st, arg=True):
+            return None
+        assert st.arg is not None
+        path = ("health", index)
+        self.locs[path] = st.loc
+        values, _ = self.section(st, _HEALTH_TYPES, (), path)
+        kind = values.pop("type", None)
+        if kind is None and (*path, "type") in self.locs:
+            return None  # a bad type, already reported
+        if kind is None:
+            kind = st.arg.text.lower()
+            if kind not in ("smtp", "spool", "link", "script"):
+                self.error(st.loc, f"Health_Check '{st.arg.text}' needs a type", "type = smtp | spool | link | script")
+                return None
+        return HealthCheck(name=st.arg.text, kind=kind, loc=st.loc, **values)
+
 
 def structure(
     doc: Document, node_name: str | None = None

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import difflib
 import grp
+import os
 import ssl
+import stat
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -397,6 +399,51 @@ def _tls_load_error(cert: Path, key: Path | None) -> str | None:
     return None
 
 
+def check_operator(config: Config, locs: Locs) -> Iterator[Diagnostic]:
+    """Health checks, preemption and notify hooks (``docs/operations.md``)."""
+    c = config.cluster
+    names: set[str] = set()
+    for i, h in enumerate(config.health):
+        at = locs.get(("health", i), h.loc)
+
+        def key(k: str, i: int = i, at: SourceLoc | None = at) -> SourceLoc | None:
+            return locs.get(("health", i, k), at)
+
+        if h.name.lower() in names:
+            yield _err(at, f"Health_Check '{h.name}' given twice", "give each check its own name")
+        names.add(h.name.lower())
+        for k in ("rise", "fall", "flap_limit"):
+            if getattr(h, k) < 1:
+                yield _err(key(k), f"{k} must be at least 1")
+        for k in ("interval", "timeout", "hold_down"):
+            if getattr(h, k) <= 0:
+                yield _err(key(k), f"{k} must be positive")
+        if h.timeout > h.interval:
+            yield _warn(key("timeout"), f"timeout ({h.timeout}s) is longer than interval ({h.interval}s)")
+        if h.min_free < 0:
+            yield _err(key("min_free"), "min_free must not be negative")
+        if h.kind == "script":
+            if h.path is None:
+                yield _err(at, f"script check '{h.name}' needs a path", 'path = "/usr/local/bin/check"')
+            elif not os.access(h.path, os.X_OK):
+                yield _warn(key("path"), f"{h.path} is not an executable file on this host")
+        elif h.path is not None:
+            yield _warn(key("path"), f"path is only used by script checks, not {h.kind}")
+        if h.kind == "link" and not c.topology:
+            yield _warn(at, "link check without any Topology interface watches nothing")
+    if c.preempt_delay < 0:
+        yield _err(locs.get(("cluster", "preempt_delay")), "preempt_delay must not be negative")
+    for i, b in enumerate(config.bindings):
+        if b.preempt_delay is not None and b.preempt_delay < 0:
+            yield _err(locs.get(("binding", i, "preempt_delay"), b.loc), "preempt_delay must not be negative")
+    if c.notify_timeout <= 0:
+        yield _err(locs.get(("cluster", "notify_timeout")), "notify_timeout must be positive")
+    if c.notify is not None and not os.access(c.notify, os.X_OK):
+        yield _warn(locs.get(("cluster", "notify")), f"notify program {c.notify} is not executable on this host")
+    if c.notify_fifo is not None and c.notify_fifo.exists() and not stat.S_ISFIFO(c.notify_fifo.stat().st_mode):
+        yield _warn(locs.get(("cluster", "notify_fifo")), f"notify_fifo {c.notify_fifo} is not a FIFO")
+
+
 RULES: tuple[Rule, ...] = (
     check_identity,
     check_held_addresses,
@@ -409,6 +456,7 @@ RULES: tuple[Rule, ...] = (
     check_control,
     check_smtp_limits,
     check_tls,
+    check_operator,
 )
 
 
