@@ -4,7 +4,9 @@ Everything the resolver decides lives here, with the time passed in, so it is
 testable without trio: maturity (a node is no candidate for
 ``view_mature_time`` after start), the cold-start deferral (leave a free IP to
 the maturing node that will own it), back-off after an actuator failure,
-admin move overrides, the takeover latencies, and this node's own view.
+admin move overrides, the takeover latencies, this node's own view, its
+eligibility (drained or unhealthy: announced as no candidate, like
+immaturity) and its preemption yields (``preempt``, ``preempt_delay``).
 
 The driver (:mod:`.resolver`) calls :meth:`ResolverPolicy.observe` on every
 wake-up, performs the :class:`Action` that :meth:`ResolverPolicy.next_action`
@@ -27,6 +29,7 @@ from attrs import frozen
 from duravip.config import Config
 from duravip.election.handover import plan
 from duravip.election.picture import ClusterSnapshot
+from duravip.election.preempt import apply_preemption
 from duravip.election.quorum import LIVE_STATES, StableMembership, apply_quorum
 from duravip.election.rule import Decision, Resolver, resolve
 from duravip.election.view import NodeView, Override, build_view
@@ -113,6 +116,16 @@ class ResolverPolicy:
         self._retry_at = -math.inf
         self._backoff = BACKOFF_MIN
         self._outbox: list[NodeView] = []
+        #: Why this node is no candidate (drained, unhealthy), None: it may be one.
+        self._ineligible: str | None = None
+        #: IPs never taken from a live holder (preempt = false), and per-IP delays.
+        self._never_preempt: frozenset[IPv4Address] = frozenset()
+        self._preempt_delay: dict[IPv4Address, float] = {}
+        #: Delayed yields in force: IP -> driver time they end.
+        self._yield_until: dict[IPv4Address, float] = {}
+        self._load_preempt(config)
+        if self.candidate:
+            self._became_candidate(now)
         self._view = self._make_view()
 
     # ------------------------------------------------------------ own view
@@ -130,6 +143,25 @@ class ResolverPolicy:
     def stopping(self) -> bool:
         return self._stopping
 
+    @property
+    def ineligible(self) -> str | None:
+        """Why this node announces itself as no candidate (None: it is one when mature)."""
+        return self._ineligible
+
+    @property
+    def candidate(self) -> bool:
+        return self._mature and not self._stopping and self._ineligible is None
+
+    def failback_pending(self) -> dict[IPv4Address, float | None]:
+        """IPs this node yields now -> wall time the yield ends (None: preempt = false)."""
+        out: dict[IPv4Address, float | None] = dict.fromkeys(self._never_preempt)
+        for ip, until in self._yield_until.items():
+            out.setdefault(ip, self._wall(until))
+        return out
+
+    def _wall(self, t: float) -> float:
+        return self._booted + (t - self._started)
+
     def take_views(self) -> list[NodeView]:
         """The views queued since the last call, oldest first (publish them all)."""
         out, self._outbox = self._outbox, []
@@ -139,14 +171,55 @@ class ResolverPolicy:
         vips = self._base.vips
         if self._withdrawn:
             vips = {ip: c for ip, c in vips.items() if ip not in self._withdrawn}
+        yields = self._never_preempt | self._yield_until.keys()
         return attrs.evolve(
             self._base,
             vips=vips,
             version=self._version,
-            mature=self._mature and not self._stopping,
+            mature=self.candidate,
             held=self.held | self._claiming,
             overrides=dict(self._overrides),
+            status=self._ineligible or "",
+            yields=frozenset(yields) & vips.keys(),
+            failback_at=self._wall(min(self._yield_until.values())) if self._yield_until else 0.0,
         )
+
+    def _load_preempt(self, config: Config) -> None:
+        """Per IP: the binding's ``preempt``/``preempt_delay``, else the cluster's."""
+        never: set[IPv4Address] = set()
+        delays: dict[IPv4Address, float] = {}
+        c = config.cluster
+        for ip, d in config.duravips.items():
+            name = d.binding or d.follows
+            b = config.binding(name) if name else None
+            preempt = b.preempt if b is not None and b.preempt is not None else c.preempt
+            delay = b.preempt_delay if b is not None and b.preempt_delay is not None else None
+            delay = c.preempt_delay if delay is None else delay
+            if not preempt:
+                never.add(ip)
+            elif delay > 0:
+                delays[ip] = delay
+        self._never_preempt = frozenset(never)
+        self._preempt_delay = delays
+
+    def _became_candidate(self, now: float) -> None:
+        """Mature and eligible from ``now``: delayed fail-backs start waiting."""
+        self._yield_until = {ip: now + d for ip, d in self._preempt_delay.items()}
+
+    def set_eligibility(self, now: float, reason: str | None) -> None:
+        """Drained or unhealthy (``reason``), or eligible again (None).
+
+        An ineligible node announces itself as no candidate, as while it
+        matures: every node elects other owners for its IPs, this one releases
+        them (break-before-make) and its queues follow the holders.
+        """
+        if reason == self._ineligible:
+            return
+        was = self.candidate
+        self._ineligible = reason
+        if self.candidate and not was:
+            self._became_candidate(now)
+        self._republish()
 
     def _republish(self) -> None:
         self._version += 1
@@ -189,6 +262,8 @@ class ResolverPolicy:
             config, version=0, mature=False, config_stable_since=wall, booted_at=self._booted
         )
         self._stable.stable_after = config.cluster.view_mature_time
+        self._load_preempt(config)
+        self._yield_until = {ip: t for ip, t in self._yield_until.items() if ip in self._preempt_delay}
         if not self._mature:
             self._mature_at = self._started + config.cluster.view_mature_time
         self._overrides.clear()
@@ -211,6 +286,7 @@ class ResolverPolicy:
             if nd is not None:
                 times.append(nd)
         times.append(self._defer_until)
+        times.extend(self._yield_until.values())
         future = [t for t in times if t > now]
         return min(future, default=math.inf)
 
@@ -220,6 +296,11 @@ class ResolverPolicy:
             self._defer_until = math.inf
         if not self._mature and now >= self._mature_at:
             self._mature = True
+            if self.candidate:
+                self._became_candidate(now)
+            self._republish()
+        if any(t <= now for t in self._yield_until.values()):
+            self._yield_until = {ip: t for ip, t in self._yield_until.items() if t > now}
             self._republish()
         states = dict(snap.states)
         states[self.local] = State.ALIVE
@@ -243,6 +324,7 @@ class ResolverPolicy:
         self._last_views = views
         self._last_states = states
         decisions: Mapping[IPv4Address, Decision] = self._resolver.update(views, alive)
+        decisions = apply_preemption(decisions, views, alive)
         self.stats.elections += 1
         self._stable.observe(now, states)
         if self._config.cluster.quorum == "majority":

@@ -77,6 +77,9 @@ class ResolverService:
         self._publish = publish_view
         self._lock = trio.Lock()
         self._wake = trio.Event()
+        #: Called in order with ("acquire" | "release", ip) as the held set changes
+        #: (the notify hooks; must not block).
+        self.on_held_change: list[Callable[[str, IPv4Address], None]] = []
 
     @property
     def stats(self) -> ResolverStats:
@@ -93,7 +96,14 @@ class ResolverService:
 
     def _flush(self) -> None:
         """Mirror the policy's held set, then publish every view it queued, in order."""
-        self.held.value = self.policy.held
+        before, after = self.held.value, self.policy.held
+        self.held.value = after
+        if before != after:
+            for hook in self.on_held_change:
+                for ip in sorted(before - after):
+                    hook("release", ip)
+                for ip in sorted(after - before):
+                    hook("acquire", ip)
         for view in self.policy.take_views():
             self._publish(view)
 
@@ -118,6 +128,12 @@ class ResolverService:
         no longer announced, so it is released here and another node takes it.
         """
         self.policy.withdraw(ip)
+        self._flush()
+        self._wake.set()
+
+    def set_eligibility(self, reason: str | None) -> None:
+        """Drained or unhealthy (``reason``: why), or a candidate again (None)."""
+        self.policy.set_eligibility(trio.current_time(), reason)
         self._flush()
         self._wake.set()
 

@@ -47,6 +47,12 @@ class Decision:
     follows: IPv4Address | None = None
     #: The admin-move target, when an override is in force for this IP.
     override: str | None = None
+    #: The candidate the rule would pick but that leaves the IP with its live
+    #: holder for now (``preempt``; see :mod:`duravip.election.preempt`).
+    failback: str | None = None
+    #: Wall-clock time that fail-back is due (None: not before an operator
+    #: ``move`` or the holder leaving).
+    failback_at: float | None = None
 
 
 def node_seed(node: str) -> int:

@@ -86,6 +86,13 @@ class NodeView:
     config_stable_since: float = 0.0
     #: Wall-clock time the node's daemon started.
     booted_at: float = 0.0
+    #: Why a started node is no candidate (``drained``, ``unhealthy: smtp``);
+    #: empty when it is one or only immature. For the console of every node.
+    status: str = ""
+    #: IPs this candidate does not take from a live holder now (``preempt``).
+    yields: frozenset[IPv4Address] = frozenset()
+    #: Wall-clock time its delayed yields end (0: none pending).
+    failback_at: float = 0.0
 
 
 # ---------------------------------------------------------------- building
@@ -230,11 +237,20 @@ def encode(view: NodeView) -> bytes:
     """The compact wire form of ``view`` (see :func:`decode`)."""
     body: list[bytes] = []
     _put_str(body, view.node)
-    flags = (1 if view.mature else 0) | (2 if view.mmove_addr is not None else 0)
+    operator = bool(view.status or view.yields or view.failback_at)
+    flags = (
+        (1 if view.mature else 0)
+        | (2 if view.mmove_addr is not None else 0)
+        | (4 if operator else 0)
+    )
     body.append(struct.pack("<QB", view.version, flags))
     if view.mmove_addr is not None:
         body.append(struct.pack("<IH", int(view.mmove_addr.host), view.mmove_addr.port))
     body.append(struct.pack("<dd", view.config_stable_since, view.booted_at))
+    if operator:
+        _put_str(body, view.status)
+        body.append(struct.pack("<dI", view.failback_at, len(view.yields)))
+        body.append(_u32_array(_deltas(view.yields)))
     section = _encode_vips(view.vips)
     body.append(struct.pack("<I", len(section)))
     body.append(section)
@@ -347,13 +363,20 @@ def decode(data: bytes) -> NodeView:
     r = _Reader(body)
     node = r.text()
     version, flags = (int(x) for x in r.unpack("<QB"))
-    if flags & ~3:
+    if flags & ~7:
         raise ViewDecodeError("unknown view flags")
     mmove: HostPort | None = None
     if flags & 2:
         host, port = (int(x) for x in r.unpack("<IH"))
         mmove = HostPort(IPv4Address(host), port)
     stable_since, booted_at = (float(x) for x in r.unpack("<dd"))
+    status, failback_at, yields = "", 0.0, frozenset[IPv4Address]()
+    if flags & 4:
+        status = r.text()
+        failback_at, nyields = r.unpack("<dI")
+        if 4 * int(nyields) > len(body):
+            raise ViewDecodeError("yield count too large")
+        yields = frozenset(_undelta(r.u32_array(int(nyields))))
     section = r.take(r.u32())
     shared = _intern_vips(section, None)
     if shared is None:
@@ -386,4 +409,7 @@ def decode(data: bytes) -> NodeView:
         overrides=overrides,
         config_stable_since=stable_since,
         booted_at=booted_at,
+        status=status,
+        yields=yields,
+        failback_at=float(failback_at),
     )
