@@ -7,11 +7,12 @@ are interchangeable.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from ipaddress import IPv4Address
 from typing import Protocol
 
 import attrs
+import trio
 
 from duravip.config.model import Topology
 
@@ -39,6 +40,9 @@ def place(ip: IPv4Address, topology: Sequence[Topology]) -> Placement | None:
 #: Per-IP outcome of a batch: None for success, else a human-readable error.
 Results = Mapping[IPv4Address, str | None]
 
+#: Interface name -> carrier (administratively up and the link running).
+Carrier = Mapping[str, bool]
+
 
 class Plumber(Protocol):
     """Adds and removes addresses on interfaces and announces them."""
@@ -57,6 +61,19 @@ class Plumber(Protocol):
 
     async def announce(self, placements: Sequence[Placement], *, all_hosts: bool) -> None:
         """Gratuitous ARP for the placements (broadcast, or unicast to known neighbours)."""
+        ...
+
+    async def watch_carrier(
+        self,
+        report: Callable[[Carrier], None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Report every interface's carrier now, then after every link event, until cancelled.
+
+        Event-driven (netlink ``RTMGRP_LINK``), never polled: the ``link``
+        health check reacts to a carrier loss within one event.
+        """
         ...
 
     async def aclose(self) -> None: ...

@@ -7,14 +7,14 @@ calls, remove addresses "from outside", and take interfaces down or away.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from ipaddress import IPv4Address
 
 import attrs
 import trio
 import trio_util
 
-from duravip.plumbing.base import Placement, Results
+from duravip.plumbing.base import Carrier, Placement, Results
 
 
 @attrs.define
@@ -37,6 +37,10 @@ class FakePlumber:
         #: op -> list of exceptions raised by the next calls of that op
         self._call_failures: dict[str, list[BaseException]] = {}
         self.changed = trio_util.AsyncValue(0)
+        #: Carrier per interface (``set_carrier``); reported by ``watch_carrier``.
+        self.carrier: trio_util.AsyncValue[dict[str, bool]] = trio_util.AsyncValue(
+            dict.fromkeys(interfaces, True)
+        )
         self.closed = False
 
     # -- fault injection -------------------------------------------------
@@ -74,7 +78,24 @@ class FakePlumber:
             self.interfaces[name] = up
         self.changed.value += 1
 
+    def set_carrier(self, name: str, up: bool) -> None:
+        """The cable was pulled (``up=False``) or plugged back; addresses stay."""
+        self.carrier.value = {**self.carrier.value, name: up}
+
     # -- Plumber ------------------------------------------------------------
+    async def watch_carrier(
+        self,
+        report: Callable[[Carrier], None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        current = self.carrier.value
+        report(dict(current))
+        task_status.started()
+        while True:
+            current = await self.carrier.wait_value(lambda v, c=current: v is not c)
+            report(dict(current))
+
     def _check_call(self, op: str) -> None:
         pending = self._call_failures.get(op)
         if pending:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from ipaddress import IPv4Address
 
@@ -19,10 +19,10 @@ import trio
 import trio_util
 
 from duravip.plumbing import rtnl
-from duravip.plumbing.base import Placement, Results
+from duravip.plumbing.base import Carrier, Placement, Results
 from duravip.plumbing.cache import AddressCache, addrs_from_dump, run_cache
 from duravip.plumbing.garp import DEFAULT_RATE, GarpSender, plan_frames
-from duravip.plumbing.nlsock import NetlinkSocket, open_route_socket
+from duravip.plumbing.nlsock import DGRAM, NetlinkSocket, open_route_socket
 
 log = logging.getLogger("duravip.plumbing")
 
@@ -30,8 +30,15 @@ log = logging.getLogger("duravip.plumbing")
 class NetlinkPlumber:
     """:class:`~duravip.plumbing.base.Plumber` on the kernel. Build it with :func:`open_netlink_plumber`."""
 
-    def __init__(self, nl: NetlinkSocket, garp: GarpSender, cache: AddressCache | None) -> None:
+    def __init__(
+        self,
+        nl: NetlinkSocket,
+        garp: GarpSender,
+        cache: AddressCache | None,
+        netns: str | None = None,
+    ) -> None:
         self._nl = nl
+        self._netns = netns
         self._garp = garp
         self.cache = cache
         self._links: dict[str, rtnl.LinkInfo] = {}
@@ -164,6 +171,40 @@ class NetlinkPlumber:
             )
         await self._garp.send(frames)
 
+    async def watch_carrier(
+        self,
+        report: Callable[[Carrier], None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Carrier from link events: each event datagram (or overflow) re-reads the links.
+
+        Links are few, so one dump per event keeps deletions, renames and a
+        missed event (ENOBUFS) right without tracking message by message.
+        """
+        sock = open_route_socket(self._netns, groups=rtnl.RTMGRP_LINK)
+        try:
+            tsock = trio.socket.from_stdlib_socket(sock)
+            last: dict[str, bool] | None = None
+            started = False
+            while True:
+                links = rtnl.parse_links(await self._nl.dump(rtnl.RTM_GETLINK))
+                now = {link.name: link.up and link.running for link in links}
+                if now != last:
+                    report(now)
+                    last = now
+                if not started:
+                    task_status.started()
+                    started = True
+                try:
+                    await tsock.recv(DGRAM)
+                except OSError as exc:
+                    if exc.errno != errno.ENOBUFS:
+                        raise
+                    log.warning("carrier watch: link event overflow (ENOBUFS); re-reading links")
+        finally:
+            sock.close()
+
     @property
     def garp_sent(self) -> int:
         return self._garp.sent
@@ -193,7 +234,7 @@ async def open_netlink_plumber(
     """
     nl = NetlinkSocket(open_route_socket(netns), window=window)
     plumber = NetlinkPlumber(
-        nl, GarpSender(netns, rate=garp_rate), AddressCache() if use_iflist_cache else None
+        nl, GarpSender(netns, rate=garp_rate), AddressCache() if use_iflist_cache else None, netns
     )
     try:
         await plumber.refresh_links()

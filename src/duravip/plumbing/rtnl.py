@@ -184,6 +184,8 @@ class LinkInfo:
     name: str
     up: bool
     mac: bytes
+    #: ``IFF_RUNNING``: the kernel sees a carrier (operationally up).
+    running: bool = False
 
 
 def parse_links(chunks: list[bytes]) -> list[LinkInfo]:
@@ -203,6 +205,7 @@ def parse_links(chunks: list[bytes]) -> list[LinkInfo]:
                     index=int(msg["index"]),
                     name=str(name),
                     up=bool(msg["flags"] & IFF_UP),
+                    running=bool(msg["flags"] & IFF_RUNNING),
                     mac=bytes.fromhex(str(mac).replace(":", "")),
                 )
             )
