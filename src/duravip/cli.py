@@ -36,7 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "_module", None) == "duravip.control.console":
+        # A command's own flags (``node drain --wait``) belong to the command words.
+        args.words = [*args.words, *extra]
+    elif extra:
+        parser.error("unrecognized arguments: " + " ".join(extra))
     result: int = importlib.import_module(args._module).run(args)
     return result
 

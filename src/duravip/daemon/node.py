@@ -41,11 +41,13 @@ from duravip import metrics, sdnotify
 from duravip.config import Config
 from duravip.control import server as control_server
 from duravip.control.protocol import CommandRegistry
+from duravip.daemon import operator
 from duravip.daemon.actuator import ActuatorContext, NodeActuator
 from duravip.daemon.commands import cluster as cluster_cmds
 from duravip.daemon.commands import duravip as duravip_cmds
 from duravip.daemon.commands import lifecycle
 from duravip.daemon.commands import mail as mail_cmds
+from duravip.daemon.commands import node as node_cmds
 from duravip.daemon.commands import reload as reload_cmds
 from duravip.daemon.commands.common import Pending
 from duravip.daemon.services import NodeState, Services
@@ -154,7 +156,9 @@ class Node:
                 duravip_cmds.register_views(registry, self.state)
                 waiting_mail = Pending(registry, mail_cmds.SPECS)
                 waiting_members = Pending(registry, cluster_cmds.SPECS)
-                waiting_resolver = Pending(registry, (*duravip_cmds.STEER_SPECS, *reload_cmds.SPECS))
+                waiting_resolver = Pending(
+                    registry, (*duravip_cmds.STEER_SPECS, *reload_cmds.SPECS, *node_cmds.SPECS)
+                )
                 await nursery.start(
                     partial(
                         control_server.serve,
@@ -260,6 +264,9 @@ class Node:
                 self.telemetry.add_election(resolver.stats)
                 waiting_resolver.release()
                 self._register_steering(registry, services)
+                # Drain, health checks, notify hooks (a persisted drain applies before maturity).
+                ops = operator.OperatorContext(self.state, resolver, plumber, mail, registry)
+                self.telemetry.add_operator(await nursery.start(operator.serve, ops))
                 nursery.start_soon(self._follow_membership, services)
                 nursery.start_soon(self._follow_decisions, services)
                 nursery.start_soon(self._follow_held, services)

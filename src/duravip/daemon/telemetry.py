@@ -15,6 +15,7 @@ from typing import ClassVar
 
 from attrs import frozen
 
+from duravip.daemon.operator import Operator
 from duravip.election.policy import ResolverStats
 from duravip.mail.router import MailqRow
 from duravip.metrics import Gauge, Registry
@@ -109,6 +110,44 @@ class NodeMetrics:
             lambda: _resolver_stats(stats),
         )
 
+    def add_operator(self, op: Operator) -> None:
+        """Eligibility, drain, health checks, pending fail-backs and notify hooks."""
+        r = self.registry
+        r.gauge(
+            "duravip_node_eligible", "1 when this node may be elected (not drained, healthy)",
+            callback=lambda: float(op.reason is None),
+        )
+        r.gauge(
+            "duravip_node_drained", "1 while this node is drained (node drain)",
+            callback=lambda: float(op.drained),
+        )
+        r.gauge(
+            "duravip_health_check_healthy", "1 when the check passes (and is not held down)",
+            ["check"],
+        ).set_collector(
+            lambda: {(h["check"],): float(h["healthy"]) for h in op.health.report(_now())}
+        )
+        r.gauge(
+            "duravip_health_check_flapping", "1 while the check is held down for flapping",
+            ["check"],
+        ).set_collector(
+            lambda: {(h["check"],): float(h["status"] == "flapping") for h in op.health.report(_now())}
+        )
+        metric = _CollectedCounter(
+            "duravip_health_total", "health probes, failures, verdict changes, hold-downs",
+            ["check", "counter"],
+        )
+        metric.set_collector(lambda: {k: float(v) for k, v in op.health.counters().items()})
+        r.register(metric)
+        r.gauge(
+            "duravip_failback_pending", "IPs this node would own but leaves with their holder",
+            callback=lambda: float(len(op.failback_pending())),
+        )
+        self._dict_counter(
+            "duravip_notify_total", "notify hook events, successes, failures, timeouts, drops",
+            "counter", lambda: op.notifier.counters,
+        )
+
     def observe_takeovers(self, stats: ResolverStats) -> None:
         """Move takeover latencies the resolver recorded since last time into the histogram."""
         recent = stats.recent
@@ -122,6 +161,12 @@ class NodeMetrics:
         metric = _CollectedCounter(name, help_text, [label])
         metric.set_collector(lambda: {(k,): float(v) for k, v in source().items()})
         self.registry.register(metric)
+
+
+def _now() -> float:
+    import trio  # render runs inside the daemon's trio run
+
+    return trio.current_time()
 
 
 def _resolver_stats(st: ResolverStats) -> dict[str, int]:

@@ -8,6 +8,7 @@ runs); the steering commands (announce, move) need the resolver itself.
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from ipaddress import IPv4Address
 from typing import Any, Protocol
 
@@ -69,6 +70,8 @@ async def show(st: NodeState, args: list[str]) -> Reply:
     stable = st.view_stable_for()
     cstable = st.config_stable_for()
     text = table(["IP", "SERVICES", "OWNER", "HOLDER", "STATE", "REASON"], rows)
+    for n, why in _out_of_service(st).items():
+        text += f"\nnode {n}: not a candidate ({why})"
     text += f"\nviews stable for {format_duration(stable)}, config stable for {format_duration(cstable)}"
     return Reply(
         text=text,
@@ -104,6 +107,7 @@ async def explain(st: NodeState, args: list[str]) -> Reply:
                 "node": n,
                 "state": snap.states.get(n, "unknown"),
                 "mature": v.mature,
+                "status": v.status or None,
                 "candidate": n in d.candidates,
                 "score": f"{score(ip, n):016x}",
                 "preference": claim.preference,
@@ -118,7 +122,7 @@ async def explain(st: NodeState, args: list[str]) -> Reply:
             c["node"],
             c["state"],
             "yes" if c["mature"] else "no",
-            "yes" if c["candidate"] else "no",
+            "yes" if c["candidate"] else (f"no ({c['status']})" if c["status"] else "no"),
             c["score"],
             c["preference"] or "-",
             c["binding"] or "-",
@@ -177,16 +181,42 @@ def _services(st: NodeState, ip: IPv4Address) -> str:
     return "; ".join(parts) or "-"
 
 
+def _out_of_service(st: NodeState) -> dict[str, str]:
+    """Live nodes that announce themselves as no candidate, and why (drained, unhealthy)."""
+    snap = st.snapshot.value
+    return {
+        n: v.status
+        for n, v in sorted(snap.views.items())
+        if v.status and str(snap.states.get(n, "alive")) in ("alive", "suspect")
+    }
+
+
+def _reason(d: Decision | None, ip: IPv4Address, st: NodeState, out: dict[str, str]) -> str:
+    if d is None:
+        return "not resolved yet"
+    views = st.snapshot.value.views
+    notes = [f"{n} {why}" for n, why in out.items() if n in views and ip in views[n].vips]
+    if d.failback is not None and d.failback_at:
+        notes.append(f"fail-back to {d.failback} at {_clock(d.failback_at)}")
+    return "; ".join([d.reason, *notes])
+
+
+def _clock(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%H:%M:%S UTC")
+
+
 def _duravip_rows(st: NodeState) -> tuple[list[list[str]], list[dict[str, Any]]]:
     holders = holders_by_ip(st.snapshot.value)
     decisions = st.decisions
     ips = sorted(set(decisions) | set(st.config.duravips))
+    out = _out_of_service(st)
     rows, data = [], []
     for ip in ips:
         d = decisions.get(ip)
         h = sorted(holders.get(ip, []))
         states = _states(d) if d else "UNKNOWN"
         services = _services(st, ip)
+        reason = _reason(d, ip, st, out)
         rows.append(
             [
                 str(ip),
@@ -194,7 +224,7 @@ def _duravip_rows(st: NodeState) -> tuple[list[list[str]], list[dict[str, Any]]]
                 (d.owner if d else None) or "-",
                 ",".join(h) or "-",
                 states,
-                d.reason if d else "not resolved yet",
+                reason,
             ]
         )
         data.append(
@@ -205,7 +235,9 @@ def _duravip_rows(st: NodeState) -> tuple[list[list[str]], list[dict[str, Any]]]
                 "holders": h,
                 "states": sorted(d.states) if d else ["UNKNOWN"],
                 "candidates": list(d.candidates) if d else [],
-                "reason": d.reason if d else None,
+                "reason": reason if d else None,
+                "failback": d.failback if d else None,
+                "failback_at": d.failback_at if d else None,
             }
         )
     return rows, data
@@ -216,6 +248,9 @@ def _view_json(v: NodeView) -> dict[str, Any]:
         "node": v.node,
         "version": v.version,
         "mature": v.mature,
+        "status": v.status,
+        "yields": sorted(str(ip) for ip in v.yields),
+        "failback_at": v.failback_at or None,
         "held": sorted(str(ip) for ip in v.held),
         "mmove_addr": str(v.mmove_addr) if v.mmove_addr else None,
         "vips": {
@@ -236,4 +271,6 @@ def _decision_json(d: Decision) -> dict[str, Any]:
         "states": sorted(d.states),
         "candidates": list(d.candidates),
         "reason": d.reason,
+        "failback": d.failback,
+        "failback_at": d.failback_at,
     }
