@@ -431,3 +431,32 @@ async def test_stopping_the_listener_says_421_inside_tls(ca: TestCA) -> None:
             assert rest == b"421 4.3.2 node-s Service shutting down\r\n"
             await trio.aclose_forcefully(tls)
             nursery.cancel_scope.cancel()
+
+
+def _starttls_ehlo_seconds(port: int, client_ctx: ssl.SSLContext, sessions: int) -> list[float]:
+    import time
+
+    out = []
+    for _ in range(sessions):
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            client.ehlo("tester")
+            start = time.perf_counter()
+            client.starttls(context=client_ctx)
+            client.ehlo("tester")
+            out.append(time.perf_counter() - start)
+    return out
+
+
+async def test_no_delayed_ack_stall_after_the_handshake(ca: TestCA) -> None:
+    """A client without TCP_NODELAY (smtplib) sends EHLO at once after TLS 1.3, not 40 ms later."""
+    files = ca.issue("server")
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            port = await serve_one_port(
+                nursery, Sink(), server_context(files.certificate, files.key), "optional", {}
+            )
+            times = await trio.to_thread.run_sync(
+                _starttls_ehlo_seconds, port, ca.client_context(), 5
+            )
+            nursery.cancel_scope.cancel()
+    assert sorted(times)[len(times) // 2] < 0.030, times

@@ -10,6 +10,7 @@ and on shutdown lets the transaction in progress finish before it says ``421``.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 
 import trio
@@ -225,9 +226,27 @@ class _Session:
             self.server.data_to_send()
             return False
         _count(self.counters, "tls_sessions")
+        _ack_now(self.stream)
         self.stream = tls
         self.server.tls_started()
         return True
+
+
+def _ack_now(stream: trio.abc.Stream) -> None:
+    """ACK the client's TLS Finished at once instead of after the delayed-ACK timer.
+
+    With TLS 1.3 the server has nothing to send after the client's Finished, so
+    a client without TCP_NODELAY (smtplib, most MTAs) holds its EHLO back under
+    Nagle until our delayed ACK: 40-45 ms per session on Linux loopback, about
+    2 ms with this (setting TCP_QUICKACK sends a pending ACK now).
+    """
+    quickack = getattr(socket, "TCP_QUICKACK", None)
+    if quickack is None or not isinstance(stream, trio.SocketStream):
+        return
+    try:
+        stream.setsockopt(socket.IPPROTO_TCP, quickack, 1)
+    except OSError as exc:
+        log.debug("TCP_QUICKACK not set: %r", exc)
 
 
 async def _deliver(
