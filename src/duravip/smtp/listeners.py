@@ -34,8 +34,8 @@ import trio
 from duravip.config import Config, Listener
 from duravip.smtp.driver import handle_connection
 from duravip.smtp.server import ServerSettings, too_many_connections
-from duravip.smtp.settings import TlsMode, session_limits
-from duravip.smtp.tls import NO_TLS, ListenerTls, build_listener_tls
+from duravip.smtp.settings import session_limits
+from duravip.smtp.tls import TlsTable, settings_by_mode
 from duravip.smtp.types import MessageSink
 
 __all__ = [
@@ -105,11 +105,8 @@ class ListenerManager:
         self._vip_index = _index_by_ip(config)
         self._sink = sink
         self._settings = settings
-        self._tls_settings = _by_mode(settings)
-        #: TLS per listener address; a failed load leaves no entry (that listener
-        #: cannot start) or, on a reload, the previous one.
-        self._tls: dict[Addr, ListenerTls] = {}
-        self._tls_errors: dict[Addr, OSError] = {}
+        self._tls_settings = settings_by_mode(settings)
+        self._tls = TlsTable()
         self._nursery = nursery
         self._running: dict[Addr, _Running] = {}
         self._stopping: dict[Addr, _Running] = {}
@@ -192,7 +189,7 @@ class ListenerManager:
         self._config = config
         self._vip_index = _index_by_ip(config)
         self._settings = attrs.evolve(self._settings, limits=session_limits(config.smtp))
-        self._tls_settings = _by_mode(self._settings)
+        self._tls_settings = settings_by_mode(self._settings)
         self._load_tls(config)
         want = self._wanted(config)
         for addr in set(self._running) - want:
@@ -203,25 +200,9 @@ class ListenerManager:
     # ------------------------------------------------------------ internals
 
     def _load_tls(self, config: Config) -> None:
-        """Build every listener's TLS context; a file that does not load is an error.
-
-        On a reload a listener whose new files fail keeps its previous context
-        (logged, ``tls_context_errors``); one with none cannot start.
-        """
-        tls, errors = build_listener_tls((lst.address.as_tuple(), lst) for lst in config.listeners)
-        for addr, exc in errors.items():
-            self.counters["tls_context_errors"] += 1
-            old = self._tls.get(addr)
-            if old is not None:
-                tls[addr] = old
-            log.error(
-                "TLS certificate of listener %s:%d does not load: %s%s",
-                *addr,
-                exc,
-                "; it keeps the previous one" if old is not None else "",
-            )
-        self._tls = tls
-        self._tls_errors = {a: e for a, e in errors.items() if a not in tls}
+        """Every listener's TLS context, built now (a failed file: ``tls_context_errors``)."""
+        pairs = ((lst.address.as_tuple(), lst) for lst in config.listeners)
+        self.counters["tls_context_errors"] += self._tls.load(pairs)
 
     def _duravip_addrs(self, config: Config, ip: IPv4Address) -> list[Addr]:
         index = self._vip_index if config is self._config else _index_by_ip(config)
@@ -257,7 +238,7 @@ class ListenerManager:
             await old.socket_closed.wait()
         if addr in self._running:
             return
-        tls_error = self._tls_errors.get(addr)
+        tls_error = self._tls.error(addr)
         if tls_error is not None:
             raise tls_error  # an OSError: "cannot listen", as for a bind error
         sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -434,7 +415,7 @@ class ListenerManager:
             peer = stream.socket.getpeername()
             local = stream.socket.getsockname()
             # This session's TLS context: a reload during it changes only later ones.
-            tls = self._tls.get(running.addr, NO_TLS)
+            tls = self._tls.get(running.addr)
             await handle_connection(
                 stream,
                 settings=self._tls_settings[tls.offered],
@@ -477,12 +458,6 @@ class ListenerManager:
             assert running.sessions is not None
             running.sessions.cancel_scope.cancel()
             await running.done.wait()
-
-
-def _by_mode(settings: ServerSettings) -> dict[TlsMode, ServerSettings]:
-    """The session settings for each TLS mode (evolved once per reload, not per session)."""
-    modes: tuple[TlsMode, ...] = ("off", "optional", "required")
-    return {m: attrs.evolve(settings, tls=m) for m in modes}
 
 
 def _index_by_ip(config: Config) -> dict[IPv4Address, list[Addr]]:

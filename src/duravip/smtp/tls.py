@@ -11,16 +11,28 @@ knows the listener's mode (``ServerSettings.tls``).
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
+import attrs
 from attrs import frozen
 
-from duravip.smtp.settings import TlsMode
+from duravip.smtp.settings import ServerSettings, TlsMode
 
-__all__ = ["NO_TLS", "ListenerTls", "build_listener_tls", "server_context"]
+__all__ = [
+    "NO_TLS",
+    "ListenerTls",
+    "TlsTable",
+    "build_listener_tls",
+    "server_context",
+    "settings_by_mode",
+]
+
+log = logging.getLogger("duravip.smtp.tls")
+Addr = tuple[str, int]
 
 
 def server_context(certificate: Path, key: Path | None = None) -> ssl.SSLContext:
@@ -90,3 +102,45 @@ def build_listener_tls(
         else:
             out[addr] = ListenerTls(mode=lst.tls, context=ctx)
     return out, errors
+
+
+class TlsTable:
+    """The TLS of every listener address, rebuilt at each config load.
+
+    A listener whose files fail to load keeps its previous entry (a reload
+    must not turn TLS off under a running listener); one with no previous
+    entry has none, and :meth:`error` says why it must not start.
+    """
+
+    def __init__(self) -> None:
+        self._tls: dict[Addr, ListenerTls] = {}
+        self._errors: dict[Addr, OSError] = {}
+
+    def load(self, listeners: Iterable[tuple[Addr, _Source]]) -> int:
+        """Rebuild from ``(address, listener)`` pairs; returns how many failed to load."""
+        tls, errors = build_listener_tls(listeners)
+        for addr, exc in errors.items():
+            old = self._tls.get(addr)
+            if old is not None:
+                tls[addr] = old
+            log.error(
+                "TLS certificate of listener %s:%d does not load: %s%s",
+                *addr,
+                exc,
+                "; it keeps the previous one" if old is not None else "",
+            )
+        self._tls = tls
+        self._errors = {a: e for a, e in errors.items() if a not in tls}
+        return len(errors)
+
+    def get(self, addr: Addr) -> ListenerTls:
+        return self._tls.get(addr, NO_TLS)
+
+    def error(self, addr: Addr) -> OSError | None:
+        return self._errors.get(addr)
+
+
+def settings_by_mode(settings: ServerSettings) -> dict[TlsMode, ServerSettings]:
+    """The session settings for each TLS mode (evolved once per reload, not per session)."""
+    modes: tuple[TlsMode, ...] = ("off", "optional", "required")
+    return {m: attrs.evolve(settings, tls=m) for m in modes}
