@@ -99,6 +99,38 @@ def with_tls(text: str, certificate: Path, key: Path, mode: str = "optional") ->
     return "\n".join(out) + "\n"
 
 
+def with_operator(
+    text: str,
+    *,
+    health: tuple[str, ...] | list[str] = (),
+    preempt: bool | None = None,
+    preempt_delay: float | None = None,
+    notify: Path | None = None,
+    notify_fifo: Path | None = None,
+) -> str:
+    """``text`` (as ``render_config`` writes it) with operator settings (docs/operations.md).
+
+    ``health``: whole ``Health_Check`` stanzas, appended; the other arguments
+    become keys of the ``cluster`` block. Call it between ``lab up`` and
+    ``start``, or before a reload.
+    """
+    keys: list[str] = []
+    if preempt is not None:
+        keys.append(f"  preempt = {'true' if preempt else 'false'}")
+    if preempt_delay is not None:
+        keys.append(f"  preempt_delay = {preempt_delay}")
+    if notify is not None:
+        keys.append(f'  notify = "{notify}"')
+    if notify_fifo is not None:
+        keys.append(f'  notify_fifo = "{notify_fifo}"')
+    lines = text.splitlines()
+    if keys:
+        end = lines.index("}")  # the cluster block closes on the first bare brace
+        lines[end:end] = keys
+    lines += list(health)
+    return "\n".join(lines) + "\n"
+
+
 # --- reading the configs back (for `status`) ---------------------------------------------------
 
 _BINDING_RE = re.compile(r'Binding\s+"?([\w.#-]+)"?\s*\{([^{}]*)\}', re.IGNORECASE)

@@ -11,7 +11,7 @@ import signal
 import time
 from collections.abc import Iterable
 
-from .base import LOSS_TABLE, PART_TABLE, LabError
+from .base import LOSS_TABLE, PART_TABLE, LabError, run
 from .cluster import Cluster
 
 
@@ -56,6 +56,20 @@ class Faults(Cluster):
             raise LabError(f"{node} is not running")
 
     # --- network faults ---
+
+    def carrier(self, node: str, up: bool) -> None:
+        """Carrier loss on the node's eth1, the node untouched (its switch port goes down).
+
+        Unlike ``link`` (the node's own side), eth1 stays administratively up
+        and shows NO-CARRIER, as when a cable is pulled or a switch port dies.
+        """
+        self._node(node)
+        run(["ip", "-n", self.ns("sw"), "link", "set", f"p-{node}", "up" if up else "down"])
+        deadline = time.monotonic() + 3
+        while up and self._port_state(node) != "forwarding":
+            if time.monotonic() > deadline:
+                raise LabError(f"bridge port p-{node} not forwarding 3 s after carrier up")
+            time.sleep(0.005)
 
     def partition(self, *groups: Iterable[str]) -> None:
         """Silently drop frames between every pair of groups, on the bridge.

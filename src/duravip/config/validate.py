@@ -418,7 +418,7 @@ def check_operator(config: Config, locs: Locs) -> Iterator[Diagnostic]:
         for k in ("interval", "timeout", "hold_down"):
             if getattr(h, k) <= 0:
                 yield _err(key(k), f"{k} must be positive")
-        if h.timeout > h.interval:
+        if h.timeout > h.interval and h.kind != "link":  # link has no probe to time out
             yield _warn(key("timeout"), f"timeout ({h.timeout}s) is longer than interval ({h.interval}s)")
         if h.min_free < 0:
             yield _err(key("min_free"), "min_free must not be negative")

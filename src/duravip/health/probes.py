@@ -8,6 +8,7 @@ timeout, and the SMTP probe is an ordinary non-blocking connection.
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,7 +46,7 @@ async def probe_smtp(targets: Sequence[HostPort], timeout: float) -> Result:
 
 
 def _spool_write(path: Path, min_free: int) -> Result:
-    probe = path / ".duravip-health"
+    probe = path / f".duravip-health-{secrets.token_hex(6)}"  # several checks may run at once
     fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, b"duravip health probe\n")

@@ -54,6 +54,8 @@ class HealthService:
             for c in checks
         }
         self.changed = AsyncValue(0)
+        #: Bumped on every probe result (a hold-down may start without a change).
+        self._probed = AsyncValue(0)
 
     def failing(self, now: float) -> list[str]:
         return [n for n, s in self.states.items() if not s.healthy(now)]
@@ -94,6 +96,7 @@ class HealthService:
 
     def _observe(self, name: str, ok: bool, detail: str) -> None:
         st = self.states[name]
+        self._probed.value += 1
         if st.observe(trio.current_time(), ok, detail):
             now = trio.current_time()
             log.warning(
@@ -109,7 +112,7 @@ class HealthService:
             before = trio.current_time()
             end = st.deadline(before)
             if math.isinf(end):
-                await self.changed.wait_transition()
+                await self._probed.wait_transition()
                 continue
             await trio.sleep_until(end)
             if st.tick(before, trio.current_time()):
