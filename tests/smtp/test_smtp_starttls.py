@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from duravip.smtp.server import (
     ConnectionClosed,
@@ -164,3 +166,48 @@ def test_optional_accepts_mail_without_tls() -> None:
     s = server("optional")
     _, out = feed(s, b"EHLO c\r\nMAIL FROM:<a@x>\r\n")
     assert out.endswith(b"250 2.1.0 Ok\r\n")
+
+
+_TOKENS = st.sampled_from(
+    [
+        b"EHLO c\r\n",
+        b"HELO c\r\n",
+        b"MAIL FROM:<a@x>\r\n",
+        b"RCPT TO:<b@y>\r\n",
+        b"RSET\r\n",
+        b"NOOP\r\n",
+        b"STARTTLS\r\n",
+        b"STARTTLS\n",
+        b"DATA\r\n",
+        b"x\r\n.\r\n",
+        b"QUIT\r\n",
+        b"junk",
+    ]
+)
+
+
+@given(before=st.lists(_TOKENS, max_size=6), after=st.lists(_TOKENS, max_size=4))
+@settings(max_examples=300, deadline=None)
+def test_nothing_after_starttls_in_the_same_read_is_ever_run(
+    before: list[bytes], after: list[bytes]
+) -> None:
+    """Whatever precedes it, a STARTTLS that starts TLS has nothing behind it in the
+    buffer; one with bytes behind it ends the session with 554 and runs none of them."""
+    s = SmtpServer(ServerSettings(hostname=HOST, tls="optional"))
+    s.data_to_send()
+    s.receive_data(b"".join(before) + b"STARTTLS\r\n" + b"".join(after))
+    while True:
+        event = s.next_event()
+        if isinstance(event, MessageReceived):
+            s.accept_message("Q")
+            continue
+        break
+    out = s.data_to_send()
+    if isinstance(event, StartTLS):
+        # Only possible when the STARTTLS that was run was the very last line.
+        assert out.endswith(b"220 2.0.0 Ready to start TLS\r\n")
+        assert s._in == b""
+    elif b"554 5.5.1 Error: command pipelined after STARTTLS\r\n" in out:
+        assert out.endswith(b"554 5.5.1 Error: command pipelined after STARTTLS\r\n")
+        assert isinstance(event, ConnectionClosed) and not s.tls_active
+    assert not s.tls_active

@@ -212,6 +212,10 @@ class SmtpServer:
         if self._state != _TLS_PENDING:
             raise ProtocolUsageError("no STARTTLS is waiting for a handshake")
         self.tls_active = True
+        # Empty already (bytes behind STARTTLS end the session); cleared again so
+        # that no plaintext byte can ever be read as if it came over TLS.
+        self._in = bytearray()
+        self._line_scan = 0
         self.helo, self.esmtp = None, False
         self._reset_transaction()
         self._state = _COMMAND
