@@ -40,6 +40,9 @@ view_st = st.builds(
     overrides=st.dictionaries(ip_st, st.builds(Override, name_st, st.integers(0, 2**64 - 1))),
     config_stable_since=st.floats(allow_nan=False),
     booted_at=st.floats(allow_nan=False),
+    status=st.just("") | name_st,
+    yields=st.frozensets(ip_st, max_size=8),
+    failback_at=st.just(0.0) | st.floats(allow_nan=False),
 )
 
 
