@@ -212,3 +212,24 @@ def test_drain_mark_is_read_back(tmp_path: Path) -> None:
     write_drain(tmp_path, None)
     assert read_drain(tmp_path) is None
     assert os.listdir(tmp_path) == []
+
+
+async def test_a_reload_restarts_the_health_checks(cluster: Cluster) -> None:
+    check = cluster.tmp / "fail.sh"
+    check.write_text("#!/bin/sh\nexit 1\n")
+    check.chmod(0o755)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cluster.run, "n1")
+            await nursery.start(cluster.run, "n2")
+            await cluster.wait_holders({VIP1: "n1", VIP2: "n2", FOLLOW: "n1"})
+            configure(
+                cluster, "n1",
+                extra=f'Health_Check "bad" {{ type = script path = "{check}" interval = 0.1 }}\n',
+            )  # fmt: skip
+            assert (await cluster.console("n1", "config", "reload"))["ok"]
+            await cluster.wait_holders({VIP1: "n2", VIP2: "n2", FOLLOW: "n2"}, timeout=5)
+            status = await cluster.console("n1", "node", "status")
+            assert [h["check"] for h in status["data"]["health"]] == ["bad"]  # type: ignore[index]
+            assert status["data"]["reason"].startswith("unhealthy: bad")  # type: ignore[index]
+            nursery.cancel_scope.cancel()

@@ -41,6 +41,9 @@ def test_a_verdict_changes_only_after_rise_or_fall_agreeing_probes(p: dict, step
     for i, (_, ok, before, after) in enumerate(trace):
         if before == after:
             continue
+        if i == 0:  # the first result decides at once
+            assert not ok and not after
+            continue
         need = p["rise"] if after else p["fall"]
         window = [t[1] for t in trace[max(0, i - need + 1) : i + 1]]
         assert len(window) == need and all(w == after for w in window), (i, trace)
@@ -77,13 +80,21 @@ def test_hold_down_bounds_what_the_election_sees(p: dict, steps: list) -> None:
 @given(params, st.integers(1, 50))
 def test_steady_results_settle_and_never_flap(p: dict, n: int) -> None:
     h = Hysteresis(**p)
-    drive(h, [(1.0, False)] * n)
+    drive(h, [(1.0, True)] + [(1.0, False)] * n)
     assert h.passing == (n < p["fall"])
     assert h.hold_downs == (1 if p["flap_limit"] == 1 and n >= p["fall"] else 0)
 
 
+def test_the_first_result_decides_at_once() -> None:
+    h = Hysteresis(rise=2, fall=3, flap_limit=6, hold_down=60.0)
+    assert h.healthy(0.0)  # nothing known yet
+    assert h.observe(0.5, False) and not h.passing and h.transitions == 0
+    assert not h.observe(1.5, True) and h.observe(2.5, True)
+
+
 def test_flapping_is_held_down_then_released() -> None:
     h = Hysteresis(rise=1, fall=1, flap_limit=3, hold_down=10.0)
+    h.observe(0.5, True)
     assert h.observe(1.0, False)  # change 1: unhealthy
     assert h.observe(2.0, True)  # change 2: healthy
     assert h.observe(3.0, False)  # change 3: flapping from now on
@@ -97,9 +108,9 @@ def test_flapping_is_held_down_then_released() -> None:
 
 def test_failure_counters() -> None:
     h = Hysteresis(rise=2, fall=2, flap_limit=5, hold_down=60.0)
-    for t, ok in enumerate([False, True, False, False, True, True]):
+    for t, ok in enumerate([True, False, True, False, False, True, True]):
         h.observe(float(t), ok, "detail")
-    assert (h.probes, h.failures, h.transitions) == (6, 3, 2)
+    assert (h.probes, h.failures, h.transitions) == (7, 3, 2)
     assert h.healthy(6.0) and h.detail == "detail"
 
 

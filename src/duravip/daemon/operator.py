@@ -23,7 +23,8 @@ from typing import Any
 import trio
 from attrs import frozen
 
-from duravip.config import HostPort
+from duravip.config import Config, HostPort
+from duravip.config.model import HealthCheck
 from duravip.control.protocol import CommandRegistry
 from duravip.daemon.commands import node as node_cmds
 from duravip.daemon.notify import Notifier
@@ -94,6 +95,7 @@ class Operator:
         self.health = health
         self.notifier = notifier
         self.drained_since = read_drain(self._spool())
+        self._health_scope: trio.CancelScope | None = None
         self._healthy = True
         self.reason: str | None = None
         #: What this node held when drained: ``--wait`` waits for peers to hold it.
@@ -164,9 +166,24 @@ class Operator:
             "notify": dict(self.notifier.counters),
         }
 
-    async def _follow_health(self) -> None:
-        async for _ in self.health.changed.transitions():
-            self.update()
+    async def run_health(
+        self,
+        checks: Sequence[HealthCheck],
+        hctx: HealthContext,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """One generation of the health checks, until a reload with other checks replaces it."""
+        with trio.CancelScope() as scope:
+            if self._health_scope is not None:
+                self._health_scope.cancel()
+            self._health_scope = scope
+            async with trio.open_nursery() as nursery:
+                self.health = await nursery.start(partial(serve_health, checks=checks, ctx=hctx))
+                self.update()
+                task_status.started()
+                async for _ in self.health.changed.transitions():
+                    self.update()
 
 
 def smtp_targets(state: NodeState, held: Callable[[], Collection[Any]]) -> Sequence[HostPort]:
@@ -200,12 +217,17 @@ async def serve(
     async with trio.open_nursery() as nursery:
         await nursery.start(notifier.serve)
         ctx.resolver.on_held_change.append(lambda event, ip: notifier.emit(event, str(ip)))
-        health = await nursery.start(partial(serve_health, checks=st.config.health, ctx=hctx))
-        op = Operator(ctx, health, notifier)
+        op = Operator(ctx, HealthService(()), notifier)
         if op.drained:
             log.warning("node is drained (since %s): taking no IPs until undrained", op.drained_since)
-        op.update()
-        nursery.start_soon(op._follow_health)
+        await nursery.start(op.run_health, st.config.health, hctx)
+
+        def reloaded(config: Config) -> None:
+            if config.health != tuple(op.health.checks.values()):
+                log.info("health checks changed on reload: restarting them")
+                nursery.start_soon(op.run_health, config.health, hctx)
+
+        ctx.resolver.on_config.append(reloaded)
         node_cmds.register(ctx.registry, op)
         task_status.started(op)
 

@@ -80,6 +80,8 @@ class ResolverService:
         #: Called in order with ("acquire" | "release", ip) as the held set changes
         #: (the notify hooks; must not block).
         self.on_held_change: list[Callable[[str, IPv4Address], None]] = []
+        #: Called with the new config after a reload (health checks follow it).
+        self.on_config: list[Callable[[Config], None]] = []
 
     @property
     def stats(self) -> ResolverStats:
@@ -142,6 +144,8 @@ class ResolverService:
         self.policy.set_config(config, wall=time.time())
         self._flush()
         self._wake.set()
+        for hook in self.on_config:
+            hook(config)
 
     async def release_all(self) -> None:
         """Graceful shutdown: release every IP, announce; acquire nothing more."""

@@ -146,7 +146,9 @@ class HealthService:
                 now = trio.current_time()
                 down = sorted(i for i in ctx.interfaces() if not carrier.get(i, False))
                 st = self.states[check.name]
-                if down:
+                if not down and st.probes == 0:
+                    self._observe(check.name, True, "carrier on every interface")
+                elif down:
                     up_since = None
                     # fall consecutive failures at once: carrier loss is not noisy.
                     for _ in range(check.fall if st.passing else 1):

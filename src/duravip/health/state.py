@@ -7,7 +7,9 @@ forever. So: ``fall`` consecutive failures make a healthy check unhealthy,
 verdict changes within ``hold_down`` seconds hold it *unhealthy* for
 ``hold_down`` seconds (reported as ``flapping``; the node stays out of the
 elections instead of following every flip, like Pacemaker's failure
-threshold). Every call takes ``now``, so tests drive it without a clock.
+threshold). The very first result decides at once (a node that boots
+broken must not take IPs for ``fall`` intervals first). Every call takes
+``now``, so tests drive it without a clock.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ class Hysteresis:
         self.fall = fall
         self.flap_limit = flap_limit
         self.hold_down = hold_down
-        #: The hysteresis verdict (starts healthy: a node is not held out on boot).
+        #: The hysteresis verdict (healthy until the first result: a slow first
+        #: probe does not hold a booting node out).
         self.passing = True
         self.ok_run = 0
         self.fail_run = 0
@@ -64,7 +67,9 @@ class Hysteresis:
         else:
             self.failures += 1
             self.ok_run, self.fail_run = 0, self.fail_run + 1
-        if self.passing and self.fail_run >= self.fall:
+        if self.probes == 1 and not ok:
+            self.passing = False  # the first result: no known-good state to keep
+        elif self.passing and self.fail_run >= self.fall:
             self._flip(now, False)
         elif not self.passing and self.ok_run >= self.rise:
             self._flip(now, True)
