@@ -180,3 +180,11 @@ def test_the_pass_only_keeps_ips_with_a_live_candidate_holder(views: dict[str, N
     assert apply_preemption(rule, views, alive) == out
     plain = {n: attrs.evolve(v, yields=frozenset()) for n, v in views.items()}
     assert apply_preemption(resolve(plain, alive), plain, alive) == resolve(plain, alive)
+
+
+def test_a_drained_newcomer_is_not_waited_for_on_a_cold_start() -> None:
+    p = policy(config("n1"))
+    n2 = attrs.evolve(peer("n2"), mature=False, status="drained")
+    p.observe(0.0, snap({"n2": n2}))
+    action = p.next_action(0.0)
+    assert action is not None and action.acquire == frozenset(IPS)

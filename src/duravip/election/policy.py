@@ -377,6 +377,7 @@ class ResolverPolicy:
             for n, v in views.items()
             if n != self.local
             and not v.mature
+            and not v.status  # drained or unhealthy: not about to become a candidate
             and states.get(n) in LIVE_STATES
             and now - self._live_since.get(n, now) < patience
         }
