@@ -112,3 +112,20 @@ def test_no_hook_configured_queues_nothing() -> None:
     n = notifier()
     n.emit("healthy")
     assert n.counters["events"] == 0
+
+
+async def test_fifo_path_that_is_a_file_or_a_symlink_is_refused(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    for path in (victim, tmp_path / "link"):
+        if path.name == "link":
+            path.symlink_to(victim)
+        n = notifier(fifo=path)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(n.serve)
+            n.emit("healthy")
+            with trio.fail_after(2):
+                while n.counters["fifo_failed"] < 1:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert victim.read_text() == "precious\n"

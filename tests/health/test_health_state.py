@@ -119,3 +119,12 @@ def test_rejects_nonsense(bad: dict) -> None:
     kw = {"rise": 2, "fall": 3, "flap_limit": 6, "hold_down": 60.0} | bad
     with pytest.raises(ValueError):
         Hysteresis(**kw)
+
+
+def test_the_state_machine_is_sans_io() -> None:
+    """Importing it pulls in no event loop (the runner is the only Trio part)."""
+    import subprocess
+    import sys
+
+    code = "import sys, duravip.health.state; sys.exit('trio' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -98,12 +99,16 @@ class Notifier:
     def _write_fifo(self, fifo: Path, words: tuple[str, ...]) -> None:
         line = (" ".join(words) + "\n").encode()
         try:
-            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            # Never follow a symlink, never write into a regular file put in its place.
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
         except OSError as exc:
             why = "no reader" if exc.errno == errno.ENXIO else exc.strerror
             self._fail("fifo_failed", f"{fifo}: {why}", words)
             return
         try:
+            if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+                self._fail("fifo_failed", f"{fifo}: not a FIFO (refused)", words)
+                return
             os.write(fd, line)
         except OSError as exc:
             self._fail("fifo_failed", f"{fifo}: {exc.strerror}", words)
