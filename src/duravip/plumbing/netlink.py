@@ -180,15 +180,18 @@ class NetlinkPlumber:
         """Carrier from link events: each event datagram (or overflow) re-reads the links.
 
         Links are few, so one dump per event keeps deletions, renames and a
-        missed event (ENOBUFS) right without tracking message by message.
+        missed event (ENOBUFS) right without tracking message by message. The
+        dumps use a socket of their own: a long plumbing batch holding the
+        request socket must not delay a carrier loss.
         """
         sock = open_route_socket(self._netns, groups=rtnl.RTMGRP_LINK)
+        dumper = NetlinkSocket(open_route_socket(self._netns))
         try:
             tsock = trio.socket.from_stdlib_socket(sock)
             last: dict[str, bool] | None = None
             started = False
             while True:
-                links = rtnl.parse_links(await self._nl.dump(rtnl.RTM_GETLINK))
+                links = rtnl.parse_links(await dumper.dump(rtnl.RTM_GETLINK))
                 now = {link.name: link.up and link.running for link in links}
                 if now != last:
                     report(now)
@@ -203,6 +206,7 @@ class NetlinkPlumber:
                         raise
                     log.warning("carrier watch: link event overflow (ENOBUFS); re-reading links")
         finally:
+            dumper.close()
             sock.close()
 
     @property
