@@ -10,6 +10,8 @@ and on shutdown lets the transaction in progress finish before it says ``421``.
 from __future__ import annotations
 
 import logging
+import math
+import os
 import socket
 import ssl
 
@@ -33,6 +35,18 @@ log = logging.getLogger("duravip.smtp")
 RECEIVE_SIZE = 65536
 #: How long a cancelled session may spend sending its ``421`` before closing.
 GOODBYE_TIMEOUT = 1.0
+
+
+class _Interrupted(Exception):
+    """A wait for the client was cut short just as it woke (no byte was read)."""
+
+
+class _Resume(Exception):
+    """Bytes arrived as the wait was being cut short: leave the cancelled scope with them."""
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        super().__init__()
+        self.data = data
 
 
 def _count(counters: dict[str, int] | None, key: str) -> None:
@@ -142,7 +156,20 @@ class _Session:
         self.local = local
         self.shutdown = shutdown
         self.counters = counters
+        #: The TLS handshake's scope while it runs (a shutdown cancels it).
         self.recv_scope: trio.CancelScope | None = None
+        #: The session loop's scope, and whether it is waiting for the client.
+        self.loop_scope: trio.CancelScope | None = None
+        self.receiving = False
+        self._use_socket(stream)
+
+    def _use_socket(self, stream: trio.abc.Stream) -> None:
+        """Plain TCP: read and write the socket's fd directly; anything else: the stream API."""
+        self.sock: trio.socket.SocketType | None = None
+        self.fd = -1
+        if isinstance(stream, trio.SocketStream):
+            self.sock = stream.socket
+            self.fd = stream.socket.fileno()
 
     def _stopping(self) -> bool:
         return (
@@ -152,52 +179,126 @@ class _Session:
     async def watch_shutdown(self, event: trio.Event) -> None:
         await event.wait()
         # Only an idle session is interrupted; a transaction in progress finishes.
-        if self.recv_scope is not None and not self.server.in_transaction:
+        if self.server.in_transaction:
+            return
+        if self.recv_scope is not None:  # the TLS handshake
             self.recv_scope.cancel()
+        elif self.receiving and self.loop_scope is not None:
+            self.loop_scope.cancel()
 
     async def run(self) -> None:
         """The session loop; returns when the session is over or the peer went away."""
         server = self.server
         try:
             while True:
-                event = server.next_event()
-                out = server.data_to_send()
-                if out:
-                    await self.stream.send_all(out)
-                if isinstance(event, ConnectionClosed):
-                    return
-                if isinstance(event, StartTLS):
-                    if not await self._start_tls():
-                        return
-                    continue
-                if isinstance(event, MessageReceived):
-                    await _deliver(server, event, self.sink, self.peer, self.local, self.counters)
-                    if self.shutdown is not None and self.shutdown.is_set():
-                        server.shutdown()  # after its 250: no new transaction
+                # One cancel scope per stretch of session, not per receive: its
+                # deadline is armed only while waiting for the client (see _receive).
+                resume = False
+                with trio.CancelScope(deadline=math.inf) as scope:
+                    self.loop_scope = scope
+                    try:
+                        if await self._loop(scope):
+                            return
+                    except _Interrupted:
+                        pass
+                    except _Resume as r:  # as the old per-receive scope: bytes read win
+                        server.receive_data(r.data)
+                        resume = True
+                self.loop_scope = None
+                if resume:
                     continue
                 if self._stopping():
-                    server.shutdown()
                     continue
-                timeout = (
-                    self.limits.data_timeout if server.in_data else self.limits.command_timeout
-                )
-                deadline = min(trio.current_time() + timeout, self.deadline)
-                with trio.CancelScope(deadline=deadline) as scope:
-                    self.recv_scope = scope
-                    data = await self.stream.receive_some(RECEIVE_SIZE)
-                self.recv_scope = None
-                if scope.cancelled_caught:
-                    if self._stopping():
-                        continue
-                    whole = trio.current_time() >= self.deadline
-                    _count(self.counters, "session_timeouts" if whole else "timeouts")
-                    server.timeout(session=whole)
-                    continue
-                server.receive_data(data)
+                whole = trio.current_time() >= self.deadline
+                _count(self.counters, "session_timeouts" if whole else "timeouts")
+                server.timeout(session=whole)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.debug("session from %s:%d ended: %r", *self.peer, exc)
             server.shutdown()  # nothing more to say; mark closed
             server.data_to_send()
+
+    async def _loop(self, scope: trio.CancelScope) -> bool:
+        """Run events until the session ends (True) or a wait for the client is cut short.
+
+        A cut-short wait (timeout, or shutdown of an idle session) leaves the
+        scope as cancelled or raises :class:`_Interrupted`; the caller decides.
+        """
+        server = self.server
+        while True:
+            event = server.next_event()
+            out = server.data_to_send()
+            if out:
+                await self._send(out)
+            if isinstance(event, ConnectionClosed):
+                return True
+            if isinstance(event, StartTLS):
+                if not await self._start_tls():
+                    return True
+                continue
+            if isinstance(event, MessageReceived):
+                await _deliver(server, event, self.sink, self.peer, self.local, self.counters)
+                if self.shutdown is not None and self.shutdown.is_set():
+                    server.shutdown()  # after its 250: no new transaction
+                continue
+            if self._stopping():
+                server.shutdown()
+                continue
+            timeout = self.limits.data_timeout if server.in_data else self.limits.command_timeout
+            server.receive_data(
+                await self._receive(scope, min(trio.current_time() + timeout, self.deadline))
+            )
+
+    async def _send(self, data: bytes) -> None:
+        """``send_all``; on a plain socket straight to ``write(2)`` (no trio layers)."""
+        sock = self.sock
+        if sock is None:
+            await self.stream.send_all(data)
+            return
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.fd, view) :]
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
+            except OSError as exc:
+                raise trio.BrokenResourceError(repr(exc)) from exc
+
+    async def _receive(self, scope: trio.CancelScope, deadline: float) -> bytes | bytearray:
+        """The next bytes from the client (``b""``: it closed), waiting until ``deadline``.
+
+        On a plain socket this is one ``wait_readable`` and one ``read(2)``:
+        per command one trip through the scheduler instead of the three of
+        ``send_all`` + ``receive_some`` + a cancel scope each. Waiting first
+        also makes it a checkpoint when bytes are already there, so a client
+        that floods pipelined commands cannot starve the other sessions.
+        """
+        self.receiving = True
+        scope.deadline = deadline
+        try:
+            sock = self.sock
+            if sock is None:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+                if scope.cancel_called:
+                    raise _Resume(data)  # the next checkpoint in this scope would raise
+                return data
+            while True:
+                # A lock-step client has not answered yet: a read now would only
+                # say EAGAIN, so wait first.
+                await trio.lowlevel.wait_readable(sock)
+                try:
+                    data = os.read(self.fd, RECEIVE_SIZE)
+                except BlockingIOError:
+                    if scope.cancel_called:
+                        raise _Interrupted from None  # cut short as it woke: nothing read
+                    continue
+                except OSError as exc:
+                    raise trio.BrokenResourceError(repr(exc)) from exc
+                if scope.cancel_called:
+                    raise _Resume(data)  # the next checkpoint in this scope would raise
+                return data
+        finally:
+            self.receiving = False
+            scope.deadline = math.inf
 
     async def _start_tls(self) -> bool:
         """The server-side handshake after ``220 Ready to start TLS``; False: session over.
@@ -228,6 +329,7 @@ class _Session:
         _count(self.counters, "tls_sessions")
         _ack_now(self.stream)
         self.stream = tls
+        self._use_socket(tls)
         self.server.tls_started()
         return True
 
