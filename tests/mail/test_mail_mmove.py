@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from duravip.config.model import Config, HostPort
 from duravip.mail import mmove_auth as auth
+from duravip.mail import mmove_resolve
 from duravip.mail.mmove import client_preamble, server_preamble
 from duravip.mail.mmove_crypto import OVERHEAD
 from duravip.mail.router import MailqRow
@@ -131,9 +132,18 @@ async def test_key_rotation_receiver_tries_every_key(tmp_path: Path, keys: Keys)
     assert p.b.counters.get("mmove_auth_failed", 0) == 0
 
 
-async def test_retry_after_lost_reply_is_deduplicated(
-    tmp_path: Path, smarthost: tuple[HostPort, Recorder], keys: Keys
+@pytest.fixture
+def fast_resolve(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pending copies are asked about after 0.3 s (instead of 5 s), looked for every 0.1 s."""
+    monkeypatch.setattr(mmove_resolve, "RESOLVE_AFTER", 0.3)
+    monkeypatch.setattr(mmove_resolve, "RESOLVE_INTERVAL", 0.1)
+
+
+async def test_retry_after_lost_reply_is_delivered_once(
+    tmp_path: Path, smarthost: tuple[HostPort, Recorder], keys: Keys, fast_resolve: None
 ) -> None:
+    """A 250 lost after the pending store: the retry is a new attempt (new transfer id)
+    that is committed; the first pending copy is resolved with the sender: aborted."""
     addr, rec = smarthost
     with trio.fail_after(20):
         async with trio.open_nursery() as n:
@@ -154,9 +164,10 @@ async def test_retry_after_lost_reply_is_deduplicated(
             await _until(lambda: len(p.b.spool) == 0)
             await trio.sleep(0.2)  # give a duplicate the chance to show up
             n.cancel_scope.cancel()
-    assert dropped == [f"{qid}/{qid}"]
+    assert len(dropped) == 1 and len(dropped[0]) == 22 and qid not in dropped[0]
     assert p.a.counters["mmove_failed"] >= 1
-    assert p.b.counters["mmove_received"] == 1 and p.b.counters["mmove_dup"] == 1
+    assert p.b.counters["mmove_received"] == 2
+    assert p.b.counters["mmove_committed"] == 1 and p.b.counters["mmove_aborted"] == 1
     assert len(rec.messages) == 1
 
 
@@ -440,10 +451,11 @@ async def test_mitm_flipping_a_byte_of_the_body_fails_the_move_and_the_sender_ke
 
 
 async def test_mitm_flipping_a_byte_of_the_250_keeps_the_message_at_the_sender(
-    tmp_path: Path, keys: Keys
+    tmp_path: Path, keys: Keys, fast_resolve: None
 ) -> None:
-    """The receiver stored it, but the sender never saw an intact 250: it keeps its
-    copy and the retry is recognised as a duplicate (exactly one copy at the end)."""
+    """The receiver stored it pending, but the sender never saw an intact 250: it keeps
+    its copy; the retry is a new attempt, committed, and the first pending copy is
+    aborted by the sender when asked (exactly one live copy at the end)."""
     with trio.fail_after(20):
         async with trio.open_nursery() as n:
             p = await _pair(n, tmp_path, keys, keys, closed_port(), closed_port(), retry_base=5.0)
@@ -462,6 +474,8 @@ async def test_mitm_flipping_a_byte_of_the_250_keeps_the_message_at_the_sender(
             p.a.set_holders(mapping, local="n1", peers={"n1": a_addr, "n2": b_addr})
             await p.a.hand_over(5.0)
             await _until(lambda: len(p.a.spool) == 0)
+            await _until(lambda: p.b.counters["mmove_aborted"] == 1)
             n.cancel_scope.cancel()
-    assert p.b.counters["mmove_received"] == 1 and p.b.counters["mmove_dup"] == 1
-    assert len(p.b.spool) == 1
+    assert p.b.counters["mmove_received"] == 2 and p.b.counters["mmove_committed"] == 1
+    (kept,) = list(p.b.spool.iter())
+    assert kept.pending is None

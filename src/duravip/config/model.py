@@ -204,6 +204,10 @@ class DeliveryConfig:
     retry_base: float = 1.0
     retry_max: float = 300.0
     concurrency: int = 4
+    #: Delivered Message-IDs (with their envelope) remembered this long (seconds) and
+    #: at most this many: a second copy within the window is not sent again.
+    dedup_window: float = 86400.0
+    dedup_max: int = 100_000
 
 
 @frozen

@@ -17,8 +17,10 @@ from pathlib import Path
 import trio
 
 from duravip.config.model import HostPort
+from duravip.mail import transfer_state as ts
+from duravip.mail.dedup import DedupWindow, dedup_key
 from duravip.mail.smtpclient import SmtpError, SmtpSession, open_tcp
-from duravip.mail.spool import Spool, write_private_file
+from duravip.mail.spool import Spool, SpoolError, write_private_file
 from duravip.mail.spool_format import QueuedMessage
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,7 @@ class Deliverer:
         retry_base: float,
         retry_max: float,
         timeout: float = 60.0,
+        dedup: DedupWindow | None = None,
     ) -> None:
         self.spool = spool
         self.counters = counters
@@ -73,6 +76,9 @@ class Deliverer:
         self.retry_base = retry_base
         self.retry_max = retry_max
         self.timeout = timeout
+        self.dedup = dedup if dedup is not None else DedupWindow()
+        #: Crash-point test hook (``transfer_state.DELIVER_POINTS``).
+        self.fault: ts.Fault = ts.no_fault
 
     async def defer(
         self, msg: QueuedMessage, reason: str, rcpts: Sequence[str] | None = None
@@ -82,7 +88,11 @@ class Deliverer:
             return
         attempts = cur.attempts + 1
         delay = backoff(attempts, self.retry_base, self.retry_max)
-        changes: dict[str, object] = {"attempts": attempts, "next_at": time.time() + delay}
+        changes: dict[str, object] = {
+            "attempts": attempts,
+            "next_at": time.time() + delay,
+            "delivering": 0.0,
+        }
         if rcpts is not None:
             changes["rcpt_to"] = tuple(rcpts)
         await self.spool.update(msg.id, **changes)
@@ -126,6 +136,7 @@ class Deliverer:
         session = SmtpSession(stream, timeout=self.timeout)
         try:
             await session.start(self.helo)
+            await self._mark(pending)
             while pending:
                 msg = pending[0]
                 if self.spool.get(msg.id) is None:
@@ -133,8 +144,23 @@ class Deliverer:
                     continue
                 msg = self.spool.get(msg.id) or msg
                 data = self.spool.read_data(msg.id)
+                key = dedup_key(msg, data)
+                if self.dedup.recent(self.spool.state.seen, key):
+                    pending.pop(0)
+                    with trio.CancelScope(shield=True):
+                        await self.spool.remove(msg.id)
+                    _bump(self.counters, "delivery_dup_suppressed")
+                    log.warning(
+                        "not delivering %s: %s was delivered within the dedup window",
+                        msg.id,
+                        key,
+                    )
+                    continue
+                self.fault(ts.DELIVER_BEFORE_DATA, msg.id)
                 res = await session.send(msg.mail_from, msg.rcpt_to, data)
                 pending.pop(0)
+                if 200 <= res.code < 300:
+                    self.fault(ts.DELIVER_AFTER_250, msg.id)
                 # The smarthost has answered: recording that must not be cut short
                 # by a cancellation (a binding moving away, a shutdown), or a
                 # delivered message would stay queued and be sent again.
@@ -146,6 +172,7 @@ class Deliverer:
                         res.accepted,
                         [r for r, _ in res.deferred],
                         res.rejected,
+                        key,
                     )
         except SmtpError as exc:
             await session.abort()
@@ -153,6 +180,38 @@ class Deliverer:
                 await self.defer(m, f"session with {smarthost}: {exc}")
             return
         await session.quit()
+
+    async def _mark(self, batch: Sequence[QueuedMessage]) -> None:
+        """Durably note that these deliveries start (one shared flush); a copy still
+        marked from an earlier start was cut off by a crash: it may have reached the
+        smarthost, so this delivery may duplicate it (counted, logged)."""
+        now = time.time()
+        self.dedup.prune(self.spool.state.seen, now)
+
+        async def one(m: QueuedMessage) -> None:
+            cur = self.spool.get(m.id)
+            if cur is None:
+                return
+            if cur.delivering:
+                _bump(self.counters, "delivery_in_doubt")
+                log.warning(
+                    "delivery of %s (binding %s) started at %.0f was cut off before its outcome "
+                    "was recorded: sending it again may duplicate it",
+                    m.id,
+                    m.binding,
+                    cur.delivering,
+                )
+            try:
+                await self.spool.update(m.id, delivering=now)
+            except KeyError:
+                return  # delivered or moved meanwhile
+            except SpoolError as exc:
+                # Only the in-doubt marker is missing; the delivery itself can go on.
+                log.error("delivery: cannot mark %s as being delivered: %s", m.id, exc)
+
+        async with trio.open_nursery() as nursery:
+            for m in batch:
+                nursery.start_soon(one, m)
 
     async def _record(
         self,
@@ -162,6 +221,7 @@ class Deliverer:
         accepted: Sequence[str],
         deferred: Sequence[str],
         rejected: Sequence[tuple[str, str]],
+        key: str | None = None,
     ) -> None:
         reply = f"{code} {text}"
         if rejected:
@@ -174,8 +234,12 @@ class Deliverer:
             )
             if deferred:
                 await self.defer(msg, "some recipients deferred", deferred)
+            elif key is not None and self.dedup.window > 0:
+                # The smarthost's 250 and the delete are one durable record.
+                await self.spool.remove(msg.id, msgid=key)
             else:
                 await self.spool.remove(msg.id)
+            self.fault(ts.DELIVER_AFTER_REMOVE, msg.id)
             return
         refused = {x for x, _ in rejected}
         if 400 <= code < 500:

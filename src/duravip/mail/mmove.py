@@ -21,120 +21,62 @@ local spool only after the receiver's ``250`` arrived in an intact frame.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Callable, MutableMapping, Sequence
+from contextlib import asynccontextmanager
 
 import attrs
 import trio
 
 from duravip.config.model import HostPort, SmtpLimits
 from duravip.mail import mmove_auth as auth
-from duravip.mail.mmove_crypto import FrameRejected, SealedStream, derive_keys
+from duravip.mail import transfer_state as ts
+from duravip.mail.mmove_preamble import (
+    BUSY,
+    PREAMBLE_TIMEOUT,
+    SERVICE,
+    MoveFailed,
+    _frame_rejected,
+    client_preamble,
+    server_preamble,
+)
 from duravip.mail.router import DEFAULT
 from duravip.mail.smtpclient import SmtpError, SmtpSession, open_tcp
-from duravip.mail.spool import NewMessage, Spool, SpoolError
+from duravip.mail.spool import NewMessage, Spool, SpoolError, new_queue_id
 from duravip.mail.spool_format import QueuedMessage, RecordTooLarge
+from duravip.mail.transfer_state import Answer, TransferState
 from duravip.smtp.driver import handle_connection
 from duravip.smtp.server import ServerSettings
 from duravip.smtp.types import Envelope, PermanentFailure, TemporaryFailure
 
 log = logging.getLogger("duravip.mail.ECmmove2")
+__all__ = [
+    "BUSY",
+    "EHLO_KEYWORD",
+    "MAIL_PARAMS",
+    "PREAMBLE_TIMEOUT",
+    "SERVICE",
+    "MoveFailed",
+    "Receiver",
+    "client_preamble",
+    "move_batch",
+    "serve_listener",
+    "server_preamble",
+]
 
-SERVICE = "ECmmove2"
 EHLO_KEYWORD = "XMMOVE"
-MAIL_PARAMS = frozenset({"XBINDING", "XREQUEST", "XMMOVEID", "XQID", "XORIGIN"})
-PREAMBLE_TIMEOUT = 5.0
-#: Sent instead of the challenge to a connection over the caps (the sender retries later).
-BUSY = b"-ERR busy\r\n"
+MAIL_PARAMS = frozenset(
+    {"XBINDING", "XREQUEST", "XMMOVEID", "XQID", "XORIGIN"}
+    | {ts.TID_PARAM, ts.SENDER_PARAM, ts.COMMIT_PARAM, ts.QUERY_PARAM}
+)
 
 
 def _bump(counters: MutableMapping[str, int], key: str, n: int = 1) -> None:
     counters[key] = counters.get(key, 0) + n
 
 
-async def _read_line(stream: trio.abc.Stream, buf: bytes) -> tuple[bytes, bytes]:
-    while True:
-        got = auth.split_line(buf)
-        if got is not None:
-            return got
-        chunk = await stream.receive_some(4096)
-        if not chunk:
-            raise auth.AuthError("connection closed during preamble")
-        buf += chunk
-
-
-async def server_preamble(
-    stream: trio.abc.Stream,
-    keys: Sequence[bytes],
-    cluster: str,
-    *,
-    on_reject: Callable[[FrameRejected], None] | None = None,
-) -> tuple[SealedStream, int]:
-    """Run the server side of the challenge-response.
-
-    Returns the sealed stream the session continues on (keyed from the keyring
-    key the peer proved and both nonces) and that key's index in ``keys``.
-    """
-    nonce_s = auth.new_nonce()
-    await stream.send_all(auth.server_challenge(nonce_s))
-    try:
-        line, rest = await _read_line(stream, b"")
-        verified = auth.server_accept(line, nonce_s, keys, cluster)
-    except auth.AuthError:
-        await stream.send_all(auth.REFUSAL)
-        raise
-    await stream.send_all(verified.proof)
-    session = derive_keys(verified.key, nonce_s, verified.nonce_c, cluster)
-    sealed = SealedStream(
-        stream,
-        session.server_to_client,
-        session.client_to_server,
-        initial=rest,
-        on_reject=on_reject,
-    )
-    return sealed, verified.key_index
-
-
-async def client_preamble(
-    stream: trio.abc.Stream,
-    key: bytes,
-    cluster: str,
-    *,
-    on_reject: Callable[[FrameRejected], None] | None = None,
-) -> SealedStream:
-    """Run the client side; returns the sealed stream (the SMTP banner comes next, sealed)."""
-    line, rest = await _read_line(stream, b"")
-    if line == BUSY.rstrip():
-        raise MoveFailed("receiver busy (connection cap), retry later")
-    reply, nonce_s, nonce_c = auth.client_response(line, key, cluster)
-    await stream.send_all(reply)
-    proof, rest = await _read_line(stream, rest)
-    if proof.startswith(b"-ERR"):
-        raise auth.AuthError("refused by the receiver (keyring mismatch?)")
-    auth.client_verify(proof, key, nonce_s, nonce_c, cluster)
-    session = derive_keys(key, nonce_s, nonce_c, cluster)
-    return SealedStream(
-        stream,
-        session.client_to_server,
-        session.server_to_client,
-        initial=rest,
-        on_reject=on_reject,
-    )
-
-
-def _frame_rejected(
-    counters: MutableMapping[str, int], peer: str
-) -> Callable[[FrameRejected], None]:
-    def note(exc: FrameRejected) -> None:
-        # Tampering on the path (or a broken peer): the connection ends, and with
-        # it any transaction in flight; the sender keeps what had no intact 250.
-        _bump(counters, "mmove_frame_rejected")
-        log.warning("%s: connection with %s ended: %s", SERVICE, peer, exc)
-
-    return note
-
-
 class Receiver:
-    """Stores moved messages durably, once per transfer key."""
+    """Stores moved messages durably (pending until the sender commits), once per key;
+    answers the control transactions (commit, and queries about this node's own sends)."""
 
     def __init__(
         self,
@@ -142,17 +84,85 @@ class Receiver:
         counters: MutableMapping[str, int],
         *,
         on_stored: Callable[[str], None] = lambda qid: None,
+        transfers: TransferState | None = None,
     ) -> None:
         self.spool = spool
         self.counters = counters
         self.on_stored = on_stored
+        #: This node's own sends (shared with its ``move_batch`` calls), for queries.
+        self.transfers = transfers if transfers is not None else TransferState()
         self._inflight: dict[str, trio.Event] = {}
         #: Test hook: called with the key after the durable store; True drops the connection
         #: before the ``250`` (simulates a lost reply).
         self.fault_after_store: Callable[[str], bool] | None = None
 
+    @asynccontextmanager
+    async def locked(self, key: str) -> AsyncIterator[None]:
+        """Serialise everything done to one transfer key (store, commit, resolution)."""
+        while key in self._inflight:
+            await self._inflight[key].wait()
+        done = trio.Event()
+        self._inflight[key] = done
+        try:
+            yield
+        finally:
+            del self._inflight[key]
+            done.set()
+
+    async def settle(self, tid: str, qid: str, answer: Answer) -> bool:
+        """Apply the sender's word on the pending copy ``qid`` of transfer ``tid``."""
+        if answer not in (Answer.COMMITTED, Answer.ABORTED):
+            return False
+        async with self.locked(tid):
+            cur = self.spool.get(qid)
+            if cur is None or cur.pending is None:
+                return False
+            if answer is Answer.COMMITTED:
+                await self.spool.update(qid, pending=None)
+                _bump(self.counters, "mmove_committed")
+                self.on_stored(qid)
+            else:
+                await self.spool.remove(qid)
+                _bump(self.counters, "mmove_aborted")
+                log.info("%s: pending copy %s (transfer %s) aborted by its sender", SERVICE, qid, tid)
+        return True
+
+    async def _commit(self, tids: list[str]) -> str:
+        self.transfers.fault(ts.RECV_BEFORE_LIVE, tids[0] if tids else "")
+        index = {m.transfer_key: m.id for m in self.spool.iter() if m.pending is not None}
+        failed: list[SpoolError] = []
+
+        async def one(tid: str, qid: str) -> None:
+            try:
+                await self.settle(tid, qid, Answer.COMMITTED)
+            except SpoolError as exc:
+                failed.append(exc)
+
+        # Concurrent updates share the group-committed flushes.
+        async with trio.open_nursery() as nursery:
+            for tid in tids:
+                if tid in index:
+                    nursery.start_soon(one, tid, index[tid])
+        if failed:
+            # Still pending: the resolution asks the sender later.
+            raise TemporaryFailure(f"spool: {failed[0]}")
+        self.transfers.fault(ts.RECV_AFTER_LIVE, tids[0] if tids else "")
+        return f"{ts.COMMIT_PARAM} {len(tids)}"
+
+    def _answer(self, tids: list[str]) -> str:
+        for tid in tids:
+            self.transfers.fault(ts.ANSWER_BEFORE, tid)
+        seen = self.spool.state.seen
+        return ts.encode_answers({t: self.transfers.answer(t, seen) for t in tids})
+
     async def accept(self, env: Envelope, drop: trio.CancelScope | None = None) -> str:
         p = env.mail_params
+        if ts.COMMIT_PARAM in p or ts.QUERY_PARAM in p:
+            try:
+                tids = ts.decode_ids(env.data)
+            except ValueError as exc:
+                raise PermanentFailure(str(exc)) from exc
+            return await self._commit(tids) if ts.COMMIT_PARAM in p else self._answer(tids)
         if "XMMOVEID" not in p or "XQID" not in p:
             raise PermanentFailure("mmove needs XMMOVEID and XQID")
         try:
@@ -161,19 +171,51 @@ class Receiver:
             binding = auth.xtext_decode(p.get("XBINDING", DEFAULT))
             requested = auth.xtext_decode(p.get("XREQUEST", binding))
             origin = auth.xtext_decode(p.get("XORIGIN", ""))
+            tid = auth.xtext_decode(p[ts.TID_PARAM]) if ts.TID_PARAM in p else None
+            sender = auth.xtext_decode(p.get(ts.SENDER_PARAM, "")) or None
         except ValueError as exc:
             raise PermanentFailure(f"bad mmove parameter: {exc}") from exc
-        key = f"{mmove_id}/{sender_qid}"
-        while key in self._inflight:
-            await self._inflight[key].wait()
-        if self.spool.has_mmove_id(key):
-            _bump(self.counters, "mmove_dup")
-            log.info("%s: duplicate transfer %s from %s acknowledged", SERVICE, key, env.peer[0])
-            return f"duplicate-{mmove_id}"
-        done = trio.Event()
-        self._inflight[key] = done
+        if tid is not None and (sender is None or not ts.decode_ids(tid.encode()) == [tid]):
+            raise PermanentFailure("two-phase mmove needs a valid XTID and XSENDER")
+        # Two-phase (XTID): one key per attempt; single-phase (an older sender): per copy.
+        key = tid if tid is not None else f"{mmove_id}/{sender_qid}"
+        self.transfers.fault(ts.RECV_BEFORE_STORE, key)
+        async with self.locked(key):
+            if self.spool.has_mmove_id(key):
+                _bump(self.counters, "mmove_dup")
+                log.info("%s: duplicate transfer %s from %s acknowledged", SERVICE, key, env.peer[0])
+                return f"duplicate-{mmove_id}"
+            qid = await self._store(env, binding, requested, origin, mmove_id, key, sender if tid else None)
+        _bump(self.counters, "mmove_received")
+        log.info(
+            "%s: received %s as %s (binding %s%s) from %s",
+            SERVICE,
+            mmove_id,
+            qid,
+            binding,
+            ", pending" if tid else "",
+            env.peer[0],
+        )
+        if tid is None:
+            self.on_stored(qid)
+        self.transfers.fault(ts.RECV_AFTER_STORE, key)
+        if self.fault_after_store is not None and self.fault_after_store(key) and drop is not None:
+            drop.cancel()
+            await trio.sleep_forever()
+        return qid
+
+    async def _store(
+        self,
+        env: Envelope,
+        binding: str,
+        requested: str,
+        origin: str,
+        mmove_id: str,
+        key: str,
+        pending: str | None,
+    ) -> str:
         try:
-            qid = await self.spool.store(
+            return await self.spool.store(
                 NewMessage(
                     mail_from=env.mail_from,
                     rcpt_to=env.rcpt_to,
@@ -183,29 +225,13 @@ class Receiver:
                     origin=origin,
                     mmove_id=mmove_id,
                     transfer_key=key,
+                    pending=pending,
                 )
             )
         except RecordTooLarge as exc:
             raise PermanentFailure(str(exc)) from exc
         except SpoolError as exc:
             raise TemporaryFailure(f"spool: {exc}") from exc
-        finally:
-            del self._inflight[key]
-            done.set()
-        _bump(self.counters, "mmove_received")
-        log.info(
-            "%s: received %s as %s (binding %s) from %s",
-            SERVICE,
-            mmove_id,
-            qid,
-            binding,
-            env.peer[0],
-        )
-        self.on_stored(qid)
-        if self.fault_after_store is not None and self.fault_after_store(key) and drop is not None:
-            drop.cancel()
-            await trio.sleep_forever()
-        return qid
 
 
 class _ConnSink:
@@ -320,10 +346,6 @@ async def serve_listener(
     await trio.serve_listeners(handle, listeners, task_status=task_status)
 
 
-class MoveFailed(Exception):
-    """The batch could not be (fully) moved; the rest stays queued here."""
-
-
 async def move_batch(
     spool: Spool,
     messages: Sequence[QueuedMessage],
@@ -335,78 +357,108 @@ async def move_batch(
     counters: MutableMapping[str, int],
     node: str,
     timeout: float = 30.0,
+    transfers: TransferState | None = None,
 ) -> int:
     """Move ``messages`` to ``address`` over one connection; returns how many moved.
 
-    Each message is removed here only after the receiver's ``250``. Raises
+    Two-phase: each message goes with a fresh transfer id and is stored
+    pending there; after its ``250`` it is removed here durably (the id in
+    the same record: the commit point), and once every remove of the batch is
+    durable one control transaction confirms them all. Raises
     :class:`MoveFailed` when the batch stopped early.
     """
+    st = transfers if transfers is not None else TransferState()
     try:
         stream = await open_tcp(str(address.host), address.port, timeout=timeout)
     except (OSError, trio.TooSlowError) as exc:
         raise MoveFailed(f"connect to {node} at {address}: {exc!r}") from exc
     moved: list[str] = []
+    attempts: list[str] = []
 
-    async def forget(cur: QueuedMessage) -> None:
-        # The receiver has it durably; if this remove is lost, a later re-move is a
-        # dup: no cancellation may cut it short.
+    async def forget(cur: QueuedMessage, tid: str) -> None:
+        # The receiver holds it pending; this remove is the commit point, and no
+        # cancellation may cut it short (the id stays in flight until it is durable).
         try:
             with trio.CancelScope(shield=True):
-                await spool.remove(cur.id)
+                st.fault(ts.SEND_AFTER_250, tid)
+                await spool.remove(cur.id, tid=tid)
+                st.fault(ts.SEND_AFTER_REMOVE, tid)
         except SpoolError as exc:
             log.error("%s: moved %s but could not remove it here: %s", SERVICE, cur.id, exc)
-        moved.append(cur.id)
+            return
+        finally:
+            st.inflight.discard(tid)
+        moved.append(tid)
         _bump(counters, "mmove_sent")
         log.info("%s: moved %s (binding %s) to %s", SERVICE, cur.id, cur.binding, node)
 
     session: SmtpSession | None = None
     failure: BaseException | None = None
-    # Local removes run beside the next transfer, so their flushes overlap the network.
-    async with trio.open_nursery() as removes:
-        try:
+    try:
+        # Local removes run beside the next transfer, so their flushes overlap the network.
+        async with trio.open_nursery() as removes:
             try:
-                with trio.fail_after(PREAMBLE_TIMEOUT):
-                    sealed = await client_preamble(
-                        stream, key, cluster, on_reject=_frame_rejected(counters, node)
+                try:
+                    with trio.fail_after(PREAMBLE_TIMEOUT):
+                        sealed = await client_preamble(
+                            stream, key, cluster, on_reject=_frame_rejected(counters, node)
+                        )
+                except trio.TooSlowError as exc:
+                    raise auth.AuthError(f"no preamble within {PREAMBLE_TIMEOUT}s") from exc
+                session = SmtpSession(sealed, timeout=timeout)
+                await session.start(helo)
+                if EHLO_KEYWORD not in session.proto.extensions:
+                    raise MoveFailed(f"{node} does not offer {EHLO_KEYWORD}")
+                for msg in messages:
+                    cur = spool.get(msg.id)
+                    if cur is None or cur.pending is not None:
+                        continue
+                    tid = new_queue_id()
+                    st.inflight.add(tid)
+                    attempts.append(tid)
+                    st.fault(ts.SEND_BEFORE_DATA, tid)
+                    params = [
+                        f"XBINDING={auth.xtext_encode(cur.binding)}",
+                        f"XREQUEST={auth.xtext_encode(cur.requested)}",
+                        f"XMMOVEID={auth.xtext_encode(cur.mmove_id)}",
+                        f"XQID={auth.xtext_encode(cur.id)}",
+                        f"XORIGIN={auth.xtext_encode(cur.origin)}",
+                        f"{ts.TID_PARAM}={tid}",
+                        f"{ts.SENDER_PARAM}={auth.xtext_encode(helo)}",
+                    ]
+                    res = await session.send(
+                        cur.mail_from,
+                        cur.rcpt_to,
+                        spool.read_data(cur.id),
+                        params,
+                        all_or_nothing=True,
                     )
-            except trio.TooSlowError as exc:
-                raise auth.AuthError(f"no preamble within {PREAMBLE_TIMEOUT}s") from exc
-            session = SmtpSession(sealed, timeout=timeout)
-            await session.start(helo)
-            if EHLO_KEYWORD not in session.proto.extensions:
-                raise MoveFailed(f"{node} does not offer {EHLO_KEYWORD}")
-            for msg in messages:
-                cur = spool.get(msg.id)
-                if cur is None:
-                    continue
-                params = [
-                    f"XBINDING={auth.xtext_encode(cur.binding)}",
-                    f"XREQUEST={auth.xtext_encode(cur.requested)}",
-                    f"XMMOVEID={auth.xtext_encode(cur.mmove_id)}",
-                    f"XQID={auth.xtext_encode(cur.id)}",
-                    f"XORIGIN={auth.xtext_encode(cur.origin)}",
-                ]
-                res = await session.send(
-                    cur.mail_from,
-                    cur.rcpt_to,
-                    spool.read_data(cur.id),
-                    params,
-                    all_or_nothing=True,
-                )
-                if not 200 <= res.code < 300:
-                    raise MoveFailed(f"{node} refused {cur.id}: {res.code} {res.message}")
-                removes.start_soon(forget, cur)
-        except auth.AuthError as exc:
-            _bump(counters, "mmove_auth_failed")
-            failure = exc
-        except (
-            MoveFailed,
-            SmtpError,
-            trio.TooSlowError,
-            trio.BrokenResourceError,
-            OSError,
-        ) as exc:
-            failure = exc
+                    if not 200 <= res.code < 300:
+                        raise MoveFailed(f"{node} refused {cur.id}: {res.code} {res.message}")
+                    attempts.pop()
+                    removes.start_soon(forget, cur, tid)
+            except auth.AuthError as exc:
+                _bump(counters, "mmove_auth_failed")
+                failure = exc
+            except (
+                MoveFailed,
+                SmtpError,
+                trio.TooSlowError,
+                trio.BrokenResourceError,
+                OSError,
+            ) as exc:
+                failure = exc
+    finally:
+        # Attempts without a 250 are over: from now on this node answers "aborted"
+        # for them, and it will never commit them.
+        st.inflight.difference_update(attempts)
+    # A refusal leaves the session usable: what did move is confirmed all the same.
+    if moved and session is not None and (failure is None or isinstance(failure, MoveFailed)):
+        err = await _confirm(session, moved, st)
+        if err is not None and failure is None:
+            log.warning("%s: commit to %s not sent (%s): it resolves later", SERVICE, node, err)
+            await session.abort()
+            return len(moved)
     if failure is not None:
         if session is not None:
             await session.abort()
@@ -418,3 +470,21 @@ async def move_batch(
     assert session is not None
     await session.quit()
     return len(moved)
+
+
+async def _confirm(session: SmtpSession, tids: list[str], st: TransferState) -> BaseException | None:
+    """The batched commit: one control transaction for every durable remove of the batch.
+
+    A lost confirmation costs nothing but time: the receiver asks later.
+    """
+    st.fault(ts.SEND_BEFORE_COMMIT, tids[0])
+    try:
+        res = await session.send(
+            "", (ts.CONTROL_RCPT,), ts.encode_ids(tids), [f"{ts.COMMIT_PARAM}=1"]
+        )
+    except (SmtpError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+        return exc
+    st.fault(ts.SEND_AFTER_COMMIT, tids[0])
+    if not 200 <= res.code < 300:
+        log.warning("%s: commit refused: %s %s (the receiver resolves later)", SERVICE, res.code, res.message)
+    return None

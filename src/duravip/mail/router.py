@@ -22,6 +22,8 @@ from duravip.config.model import Config, Listener
 DEFAULT = "default"
 #: Virtual binding that holds messages waiting to be moved (mailq).
 MMOVE = "#mmove"
+#: Virtual binding of moved copies awaiting their sender's commit (two-phase mmove).
+PENDING = "#pending"
 #: Only this much of a message is parsed for the ``X-Binding`` header.
 HEADER_SCAN_LIMIT = 64 * 1024
 
@@ -190,6 +192,8 @@ class MailqRow:
     binding: str
     active: int
     delayed: int
+    #: Seconds since the oldest message of the row arrived (set for ``#pending``).
+    age: float = 0.0
 
 
 def group_of(config: Config, binding: str) -> str:

@@ -23,11 +23,15 @@ import trio
 
 from duravip.config.model import Config, HostPort, SmtpLimits
 from duravip.mail import router
+from duravip.mail.dedup import DedupWindow
 from duravip.mail.delivery import Deliverer, backoff
+from duravip.mail.mailq import mailq_rows
 from duravip.mail.mmove import SERVICE, MoveFailed, Receiver, move_batch, serve_listener
-from duravip.mail.router import DEFAULT, MMOVE, MailqRow
+from duravip.mail.mmove_resolve import serve_resolver
+from duravip.mail.router import DEFAULT, MailqRow
 from duravip.mail.spool import NewMessage, Spool, SpoolError, new_queue_id
 from duravip.mail.spool_format import QueuedMessage, RecordTooLarge
+from duravip.mail.transfer_state import TransferState
 from duravip.smtp.types import Envelope, MessageSink, PermanentFailure, TemporaryFailure
 
 log = logging.getLogger(__name__)
@@ -55,6 +59,12 @@ COUNTERS = (
     "mmove_failed",
     # A sealed mmove frame failed (tampering on the path, or a broken peer).
     "mmove_frame_rejected",
+    # Two-phase mmove: pending copies made live / dropped (by a commit or a resolution).
+    "mmove_committed",
+    "mmove_aborted",
+    # Delivery: a copy delivered within the dedup window; a restart of a delivery cut off by a crash.
+    "delivery_dup_suppressed",
+    "delivery_in_doubt",
     # Found by the spool's recovery at open (see Spool.recovery).
     "spool_torn_tails",
     "spool_corrupt_regions",
@@ -113,7 +123,11 @@ class MailService:
         self._full = True
         self._dirty: set[str] = set()
         self._next_scan_at = 0.0
-        self.receiver = Receiver(spool, self.counters, on_stored=self.wake)
+        #: This node's own mmove attempts in flight (answers the receivers' queries).
+        self.transfers = TransferState(window=spool.seen_ttl)
+        self.receiver = Receiver(
+            spool, self.counters, on_stored=self.wake, transfers=self.transfers
+        )
         self._deliverer = self._make_deliverer()
 
     def _make_deliverer(self) -> Deliverer:
@@ -124,6 +138,7 @@ class MailService:
             helo=self.node_name,
             retry_base=d.retry_base,
             retry_max=d.retry_max,
+            dedup=DedupWindow(window=d.dedup_window, max_entries=d.dedup_max),
         )
 
     # ---- daemon-facing API ----------------------------------------------
@@ -185,21 +200,9 @@ class MailService:
         return router.route(binding, hold, self.node_name)
 
     def mailq(self) -> list[MailqRow]:
-        """Per group/binding active and delayed counts; ``default/#mmove`` for moves."""
-        now = time.time()
-        rows: dict[tuple[str, str], list[int]] = {}
-        for m in self.spool.iter():
-            kind, node = self.route_of(m.binding)
-            if kind == "move":
-                key = (DEFAULT, MMOVE)
-                delayed = self._node_retry_at.get(node or "", 0.0) > now
-            else:
-                key = (router.group_of(self.config, m.binding), m.binding)
-                delayed = kind == "wait" or (m.attempts > 0 and m.next_at > now)
-            row = rows.setdefault(key, [0, 0])
-            row[1 if delayed else 0] += 1
-        rows.setdefault((DEFAULT, MMOVE), [0, 0])
-        return [MailqRow(g, b, a, d) for (g, b), (a, d) in sorted(rows.items())]
+        """Per group/binding active and delayed counts; ``default/#mmove`` for moves,
+        ``default/#pending`` (count and age) for moved copies awaiting their commit."""
+        return mailq_rows(self.spool.iter(), self.route_of, self.config, self._node_retry_at)
 
     async def hand_over(self, timeout: float) -> None:
         """Graceful shutdown: move every message whose binding is held elsewhere, within ``timeout``."""
@@ -304,7 +307,7 @@ class MailService:
         """Per node, up to ``MMOVE_CONNECTIONS`` batches of messages to move now."""
         per_node: dict[str, list[QueuedMessage]] = defaultdict(list)
         for m in candidates:
-            if m.id in self._inflight:
+            if m.id in self._inflight or m.pending is not None:
                 continue
             kind, node = self.route_of(m.binding)
             if kind != "move" or node is None or node not in self.peers:
@@ -342,6 +345,7 @@ class MailService:
                 helo=self.node_name,
                 counters=self.counters,
                 node=node,
+                transfers=self.transfers,
             )
             self._node_failures.pop(node, None)
             self._node_retry_at.pop(node, None)
@@ -414,7 +418,8 @@ class MailService:
                 local: dict[str, list[QueuedMessage]] = defaultdict(list)
                 moves: list[QueuedMessage] = []
                 for m in candidates:
-                    if m.id in self._inflight:
+                    # A pending copy (two-phase mmove) waits for its commit.
+                    if m.id in self._inflight or m.pending is not None:
                         continue
                     kind, _node = self.route_of(m.binding)
                     if kind == "move":
@@ -480,6 +485,16 @@ async def serve(
                 host, port = bound[0].socket.getsockname()[:2]
                 service.cluster_address = HostPort(IPv4Address(host), port)
             await nursery.start(service.run)
+            await nursery.start(
+                partial(
+                    serve_resolver,
+                    service.receiver,
+                    peers=lambda: service.peers,
+                    keys=keyring_keys,
+                    cluster=config.cluster.name,
+                    helo=lambda: service.node_name,
+                )
+            )
             task_status.started(service)
     finally:
         spool.close()

@@ -46,6 +46,7 @@ from duravip.mail.spool_format import (
     QueuedMessage,
     ReplayState,
     apply_changes,
+    apply_marks,
     encode,
     meta_of,
     new_seed,
@@ -92,6 +93,7 @@ class NewMessage:
     next_at: float = 0.0
     #: Pre-allocated queue id (from :func:`new_queue_id`), e.g. to hash on before storing.
     queue_id: str | None = None
+    pending: str | None = None  # two-phase mmove: the sender, until it commits
 
 
 @define
@@ -262,6 +264,7 @@ class Spool:
             attempts=msg.attempts,
             next_at=msg.next_at,
             transfer_key=msg.transfer_key,
+            pending=msg.pending,
         )
 
         def durable(seg: int, data_off: int) -> None:
@@ -293,17 +296,20 @@ class Spool:
             self._dec_pending(qid)
         return self.state.messages.get(qid, old)
 
-    async def remove(self, qid: str) -> None:
+    async def remove(self, qid: str, **marks: str) -> None:
+        """Durably drop ``qid``, with ``marks`` (``spool_format.MARKS``) in the same record."""
         if qid not in self.state.messages:
             return
+        meta = {"id": qid, **marks, **({"at": time.time()} if marks else {})}
 
         def durable(_seg: int, _off: int) -> None:
             self.state.messages.pop(qid, None)
             self.state.unplace(qid)
+            apply_marks(meta, self.state.seen)
 
         self._pending_ops[qid] += 1
         try:
-            await self._commit(_Item(encode(Kind.REMOVE, {"id": qid}, seed=self._seed), 0, durable))
+            await self._commit(_Item(encode(Kind.REMOVE, meta, seed=self._seed), 0, durable))
         finally:
             self._dec_pending(qid)
 

@@ -82,10 +82,25 @@ class QueuedMessage:
     next_at: float = 0.0
     #: Key of the mmove transfer that brought this copy here (dedup), if any.
     transfer_key: str | None = None
+    #: Two-phase mmove: the sending node while this copy awaits its commit (not
+    #: deliverable, not movable); ``None``: live.
+    pending: str | None = None
+    #: Wall time a delivery of this copy started whose outcome is not recorded yet
+    #: (0: none). Set when a batch starts: after a crash it marks a delivery in doubt.
+    delivering: float = 0.0
 
 
 #: Fields ``update`` may change; everything else is fixed at store time.
-MUTABLE = frozenset({"binding", "requested", "attempts", "next_at", "rcpt_to"})
+MUTABLE = frozenset(
+    {"binding", "requested", "attempts", "next_at", "rcpt_to", "pending", "delivering"}
+)
+#: Prefixes of the durable marks a ``REMOVE`` may carry (kept in ``ReplayState.seen``
+#: and its ``SEEN`` checkpoints): a transfer id this node committed (it sent the
+#: message and deleted its copy), and a Message-ID it delivered to the smarthost.
+COMMITTED = "c:"
+DELIVERED = "m:"
+#: ``REMOVE`` meta field -> mark prefix.
+MARKS = {"tid": COMMITTED, "msgid": DELIVERED}
 
 
 @frozen
@@ -145,6 +160,8 @@ def meta_of(msg: QueuedMessage) -> dict[str, Any]:
         "attempts": msg.attempts,
         "next_at": msg.next_at,
         "transfer_key": msg.transfer_key,
+        **({"pending": msg.pending} if msg.pending is not None else {}),
+        **({"delivering": msg.delivering} if msg.delivering else {}),
     }
 
 
@@ -162,7 +179,17 @@ def message_of(meta: Mapping[str, Any]) -> QueuedMessage:
         attempts=int(meta["attempts"]),
         next_at=float(meta["next_at"]),
         transfer_key=None if meta.get("transfer_key") is None else str(meta["transfer_key"]),
+        pending=None if meta.get("pending") is None else str(meta["pending"]),
+        delivering=float(meta.get("delivering", 0.0)),
     )
+
+
+def apply_marks(meta: Mapping[str, Any], seen: dict[str, float]) -> None:
+    """The durable marks of a ``REMOVE`` record (see ``MARKS``) into ``seen``."""
+    at = float(meta.get("at", 0.0))
+    for field, prefix in MARKS.items():
+        if meta.get(field) is not None:
+            seen.setdefault(prefix + str(meta[field]), at)
 
 
 class Damage(Enum):
@@ -386,6 +413,7 @@ class ReplayState:
             mid = str(meta["id"])
             self.messages.pop(mid, None)
             self.unplace(mid)
+            apply_marks(meta, self.seen)
         elif rec.kind is Kind.SEEN:
             for key, ts in meta["keys"].items():
                 self.seen.setdefault(str(key), float(ts))
