@@ -479,3 +479,35 @@ async def test_mitm_flipping_a_byte_of_the_250_keeps_the_message_at_the_sender(
     assert p.b.counters["mmove_received"] == 2 and p.b.counters["mmove_committed"] == 1
     (kept,) = list(p.b.spool.iter())
     assert kept.pending is None
+
+
+async def test_a_lost_commit_is_resolved_by_asking_the_sender(
+    tmp_path: Path, smarthost: tuple[HostPort, Recorder], keys: Keys, fast_resolve: None
+) -> None:
+    """The sender removed its copy (commit point) but its confirmation never left:
+    the receiver's copy stays pending (shown by mailq, not delivered) until the
+    receiver asks and the sender answers "committed"."""
+    from duravip.mail import transfer_state as ts
+    from duravip.mail.mmove import MoveFailed
+    from duravip.mail.router import PENDING
+
+    addr, rec = smarthost
+    seen_pending: list[MailqRow] = []
+    with trio.fail_after(20):
+        async with trio.open_nursery() as n:
+            p = await _pair(n, tmp_path, keys, keys, closed_port(), addr)
+
+            def fault(point: str, _key: str) -> None:
+                if point == ts.SEND_BEFORE_COMMIT:
+                    seen_pending.extend(r for r in p.b.mailq() if r.binding == PENDING)
+                    raise MoveFailed("confirmation lost")
+
+            p.a.transfers.fault = fault
+            p.holders({"b1": "n2", "ga": None, "gb": None})
+            await p.a.sink.accept(envelope("b1"))
+            await rec.wait_for(1)
+            await _until(lambda: len(p.b.spool) == 0)
+            n.cancel_scope.cancel()
+    assert [(r.active, r.age >= 0) for r in seen_pending] == [(1, True)]
+    assert len(p.a.spool) == 0 and p.b.counters["mmove_committed"] == 1
+    assert len(rec.messages) == 1
