@@ -60,6 +60,8 @@ async def test_drain_moves_everything_survives_restart_and_undrain_brings_it_bac
             members = await cluster.console("n2", "cluster", "membership")
             states = {m["name"]: m["state"] for m in members["data"]["members"]}  # type: ignore[index]
             assert states["n1"] == "alive"
+            status_of = {m["name"]: m["status"] for m in members["data"]["members"]}  # type: ignore[index]
+            assert status_of == {"n1": "drained", "n2": None}
 
             # Restart n1: the drain holds, it takes nothing.
             cluster.scopes["n1"].cancel()

@@ -50,6 +50,8 @@ async def membership(ctx: ClusterContext, args: list[str]) -> Reply:
             "incarnation": m.incarnation,
             "view_version": v.version if v else None,
             "mature": v.mature if v else None,
+            #: Why a node is out of the elections (drained, unhealthy), else None.
+            "status": (v.status or None) if v else None,
             "held": len(v.held) if v else None,
             "local": name == local,
         }
@@ -61,7 +63,7 @@ async def membership(ctx: ClusterContext, args: list[str]) -> Reply:
                 m.state,
                 str(m.incarnation),
                 "-" if v is None else str(v.version),
-                "-" if v is None else ("yes" if v.mature else "no"),
+                "-" if v is None else ("yes" if v.mature else f"no ({v.status})" if v.status else "no"),
                 "-" if v is None else str(len(v.held)),
                 format_duration(max(0.0, _age(m.state_since, now))),
             ]
