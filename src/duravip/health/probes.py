@@ -7,6 +7,7 @@ timeout, and the SMTP probe is an ordinary non-blocking connection.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import subprocess
@@ -39,6 +40,9 @@ async def probe_smtp(targets: Sequence[HostPort], timeout: float) -> Result:
                 if not chunk:
                     break
                 got += chunk
+            if got.startswith(b"220"):
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await stream.send_all(b"QUIT\r\n")  # polite: a clean end in its logs
         if got.startswith(b"220"):
             return True, f"{target}: banner"
         return False, f"{target}: no 220 banner ({got[:40]!r})"
