@@ -40,6 +40,7 @@ from duravip.mail.spool_files import (
     write_all,
     write_private_file,
 )
+from duravip.mail.spool_flush import FlushRunner
 from duravip.mail.spool_format import (
     Kind,
     Located,
@@ -159,6 +160,7 @@ class Spool:
     _last_batch: int = 0
     _gathered: trio.Event = Factory(trio.Event)
     flushes: int = field(default=0)
+    flusher: FlushRunner = Factory(FlushRunner)
     #: Seed of the records appended (the active segment's, see ``spool_format``).
     _seed: int = 0
     recovery: RecoveryReport = Factory(RecoveryReport)
@@ -382,7 +384,7 @@ class Spool:
             sync_error: OSError | None = None
             if b.error is None:
                 try:
-                    await trio.to_thread.run_sync(os.fdatasync, fd)
+                    await self.flusher.fdatasync(fd)  # inline while the disk is fast
                 except OSError as exc:
                     sync_error = exc
             self._syncing -= 1

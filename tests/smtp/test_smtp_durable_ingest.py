@@ -1,0 +1,129 @@
+"""The durable ingest path's group-commit flush: inline while the disk is fast, a worker
+thread after a slow flush, and durability unchanged either way."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from duravip.mail.spool import NewMessage, Spool, SpoolError
+from duravip.mail.spool_flush import FlushRunner
+
+
+def _msg(i: int) -> NewMessage:
+    return NewMessage(
+        mail_from="a@example.org",
+        rcpt_to=("b@example.org",),
+        data=f"Subject: {i}\r\n\r\nbody\r\n".encode(),
+        binding="b1",
+        requested="b1",
+        origin="n1",
+    )
+
+
+def _count_thread_hops(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    hops: list[Any] = []
+    real = trio.to_thread.run_sync
+
+    async def counting(fn: Any, *args: Any, **kw: Any) -> Any:
+        hops.append(fn)
+        return await real(fn, *args, **kw)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting)
+    return hops
+
+
+async def test_fast_flushes_run_inline_without_a_thread_hop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[int] = []
+    real_sync = os.fdatasync
+    with trio.fail_after(10):
+        sp = Spool.open(tmp_path)
+
+        def counting(fd: int) -> None:
+            synced.append(fd)
+            real_sync(fd)
+
+        monkeypatch.setattr(os, "fdatasync", counting)
+        sp.flusher.inline_below = 10.0  # any flush of this test's disk counts as fast
+        hops = _count_thread_hops(monkeypatch)
+        ids = [await sp.store(_msg(i)) for i in range(5)]
+        assert hops == []  # was one thread hop per flush
+        assert len(synced) == 5 and sp.flushes == 5  # still one fdatasync per batch
+        assert sp.flusher.inline == 5
+        sp.close()
+    again = Spool.open(tmp_path)
+    assert [m.id for m in again.iter()] == ids
+    again.close()
+
+
+async def test_a_slow_flush_sends_the_next_ones_to_a_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    durations = iter([0.005, 0.0, 0.0, 0.0, 0.0, 0.0])
+    monkeypatch.setattr(os, "fdatasync", lambda fd: time.sleep(next(durations)))
+    runner = FlushRunner(inline_below=0.002, backoff=3)
+    hops = _count_thread_hops(monkeypatch)
+    ways = []
+    with trio.fail_after(10):
+        for _ in range(6):
+            before = runner.threaded
+            await runner.fdatasync(0)
+            ways.append("thread" if runner.threaded > before else "inline")
+    # The slow one ran inline (nothing announced it), then `backoff` flushes in the
+    # thread, then inline again.
+    assert ways == ["inline", "thread", "thread", "thread", "inline", "inline"]
+    assert len(hops) == 3
+
+
+async def test_a_slow_threaded_flush_keeps_them_in_the_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    durations = iter([0.005, 0.0, 0.005, 0.0, 0.0, 0.0])
+    monkeypatch.setattr(os, "fdatasync", lambda fd: time.sleep(next(durations)))
+    runner = FlushRunner(inline_below=0.002, backoff=2)
+    with trio.fail_after(10):
+        for _ in range(6):
+            await runner.fdatasync(0)
+    # inline (slow), thread, thread (slow: back-off again), thread, thread, inline
+    assert (runner.inline, runner.threaded) == (2, 4)
+
+
+async def test_inline_flush_disabled_with_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "fdatasync", lambda fd: None)
+    runner = FlushRunner(inline_below=0)
+    with trio.fail_after(10):
+        await runner.fdatasync(0)
+    assert (runner.inline, runner.threaded) == (0, 1)
+
+
+async def test_a_failed_inline_flush_fails_the_batch_and_nothing_is_acknowledged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.fdatasync
+    calls = {"n": 0}
+
+    def failing(fd: int) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:  # the batch's flush fails; the roll-back's own sync works
+            raise OSError(5, "Input/output error")
+        real(fd)
+
+    with trio.fail_after(10):
+        sp = Spool.open(tmp_path)
+        sp.flusher.inline_below = 10.0
+        monkeypatch.setattr(os, "fdatasync", failing)
+        with pytest.raises(SpoolError):
+            await sp.store(_msg(1))
+        assert sp.flusher.inline == 1 and list(sp.iter()) == []
+        kept = await sp.store(_msg(2))
+        sp.close()
+    again = Spool.open(tmp_path)
+    assert [m.id for m in again.iter()] == [kept]
+    again.close()
