@@ -186,7 +186,7 @@ def test_smtp_listener_unreachable_moves_ips_then_they_come_back(healthy: Any) -
     lab.nft("n1", f"add table inet {DROP_TABLE}\ndelete table inet {DROP_TABLE}")
     wait_converged(lab, VIPS, timeout=20, expect=PREFERRED)
     # The notify hook saw the failover and the fail-back in order, on both sides.
-    wait_for(lambda: "acquire 10.1.1.1" in events_since(lab, "n1", mark), 5, "n1 fail-back event")
+    wait_for(lambda: "acquire 10.1.2.1" in events_since(lab, "n1", mark), 5, "n1 fail-back events")
     assert events_since(lab, "n1", mark) == [
         "unhealthy",
         "release 10.1.1.1",
@@ -195,7 +195,7 @@ def test_smtp_listener_unreachable_moves_ips_then_they_come_back(healthy: Any) -
         "acquire 10.1.1.1",
         "acquire 10.1.2.1",
     ]
-    wait_for(lambda: "release 10.1.1.1" in events_since(lab, new, mark), 5, f"{new} release event")
+    wait_for(lambda: "release 10.1.2.1" in events_since(lab, new, mark), 5, f"{new} release events")
     assert events_since(lab, new, mark) == [
         "acquire 10.1.1.1",
         "acquire 10.1.2.1",
