@@ -171,7 +171,11 @@ class ResolverPolicy:
         vips = self._base.vips
         if self._withdrawn:
             vips = {ip: c for ip, c in vips.items() if ip not in self._withdrawn}
-        yields = self._never_preempt | self._yield_until.keys()
+        yields = self._never_preempt
+        if self._yield_until:
+            yields = yields | self._yield_until.keys()
+        if self._withdrawn:
+            yields = yields & vips.keys()
         return attrs.evolve(
             self._base,
             vips=vips,
@@ -180,7 +184,7 @@ class ResolverPolicy:
             held=self.held | self._claiming,
             overrides=dict(self._overrides),
             status=self._ineligible or "",
-            yields=frozenset(yields) & vips.keys(),
+            yields=frozenset(yields),
             failback_at=self._wall(min(self._yield_until.values())) if self._yield_until else 0.0,
         )
 

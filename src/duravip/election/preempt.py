@@ -42,10 +42,10 @@ def apply_preemption(
         return decisions
     #: IP -> the first (by name) alive node announcing it as held.
     held_by: dict[IPv4Address, str] = {}
-    for name in sorted(alive, reverse=True):
-        v = views.get(name)
-        if v is not None and v.node == name:
-            held_by.update(dict.fromkeys(v.held, name))
+    for member in sorted(alive, reverse=True):
+        v = views.get(member)
+        if v is not None and v.node == member:
+            held_by.update(dict.fromkeys(v.held, member))
     out: dict[IPv4Address, Decision] | None = None
     made: dict[tuple[int, str], Decision] = {}
     by_node = dict(yielding)
