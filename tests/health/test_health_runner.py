@@ -97,6 +97,10 @@ async def test_smtp_check_reads_a_banner_and_fails_after_fall_probes(tmp_path: P
             await trio.sleep(0.3)
             assert not svc.failing(trio.current_time())
             assert svc.states["smtp"].detail.endswith("banner")
+            answer[0] = b"421 4.7.0 n1 too many sessions\r\n"  # full, not wedged
+            await trio.sleep(0.3)
+            assert not svc.failing(trio.current_time())
+            assert "busy (421)" in svc.states["smtp"].detail
             answer[0] = b""  # the listener accepts but never greets (wedged)
             t0 = trio.current_time()
             failed = await wait_changed(svc, False, 3)

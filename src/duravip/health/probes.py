@@ -45,6 +45,10 @@ async def probe_smtp(targets: Sequence[HostPort], timeout: float) -> Result:
                     await stream.send_all(b"QUIT\r\n")  # polite: a clean end in its logs
         if got.startswith(b"220"):
             return True, f"{target}: banner"
+        if got.startswith(b"421"):
+            # At its session cap the listener still answers: alive, only busy. A
+            # client flood must not make a node demote itself (and the next one).
+            return True, f"{target}: busy (421), counted as alive"
         return False, f"{target}: no 220 banner ({got[:40]!r})"
     return False, f"{target}: no banner within {timeout}s"
 
