@@ -136,6 +136,7 @@ class Operator:
         if self.drained:
             await trio.to_thread.run_sync(write_drain, self._spool(), None)
             self.drained_since = None
+            self._drained_ips = frozenset()
             self.notifier.emit("undrained")
         self.update()
 

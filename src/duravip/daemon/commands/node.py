@@ -62,7 +62,7 @@ async def drain(ctx: NodeControl, args: list[str]) -> Reply:
     if args == ["--wait"]:
         with trio.move_on_after(DRAIN_WAIT):
             while (held, moving) != (0, 0):
-                await trio.sleep(0.05)
+                await trio.sleep(0.1)  # mailq() walks the spool: not too often
                 held, moving = ctx.handed_off()
     took = time.monotonic() - started
     done = (held, moving) == (0, 0)
