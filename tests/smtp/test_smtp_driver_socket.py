@@ -229,3 +229,29 @@ async def test_a_lock_step_command_costs_one_scheduler_trip() -> None:
             nursery.cancel_scope.cancel()
     # 4 waits for the client + 1 for the sink's checkpoint = 5 a message (was 9).
     assert steps.steps / n <= 6
+
+
+class _SlowSink(Sink):
+    async def accept(self, envelope: Envelope) -> str:
+        await trio.sleep(0.6)
+        return await super().accept(envelope)
+
+
+async def test_a_sink_slower_than_the_command_timeout_is_not_cut() -> None:
+    """The receive deadline stays set after a read; it must be cleared before the sink."""
+    settings = ServerSettings(HOST, limits=SmtpLimits(command_timeout=0.2, data_timeout=0.2))
+    sink = _SlowSink()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            port = await _serve(nursery, sink, settings)
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            buf = bytearray()
+            await _reply(stream, buf)
+            await stream.send_all(b"HELO c\r\nMAIL FROM:<a>\r\nRCPT TO:<b>\r\nDATA\r\n")
+            for _ in range(4):
+                await _reply(stream, buf)
+            await stream.send_all(b"hi\r\n.\r\nQUIT\r\n")
+            out = bytes(buf) + await _rest(stream)
+            nursery.cancel_scope.cancel()
+    assert out == b"250 2.0.0 Ok: queued as Q1\r\n221 2.0.0 Bye\r\n"
+    assert len(sink.envelopes) == 1

@@ -228,14 +228,16 @@ class _Session:
             event = server.next_event()
             out = server.data_to_send()
             if out:
-                await self._send(out)
+                await self._send(out, scope)
             if isinstance(event, ConnectionClosed):
                 return True
             if isinstance(event, StartTLS):
+                scope.deadline = math.inf
                 if not await self._start_tls():
                     return True
                 continue
             if isinstance(event, MessageReceived):
+                scope.deadline = math.inf  # the sink is never cut by a client timeout
                 await _deliver(server, event, self.sink, self.peer, self.local, self.counters)
                 if self.shutdown is not None and self.shutdown.is_set():
                     server.shutdown()  # after its 250: no new transaction
@@ -248,10 +250,16 @@ class _Session:
                 await self._receive(scope, min(trio.current_time() + timeout, self.deadline))
             )
 
-    async def _send(self, data: bytes) -> None:
-        """``send_all``; on a plain socket straight to ``write(2)`` (no trio layers)."""
+    async def _send(self, data: bytes, scope: trio.CancelScope) -> None:
+        """``send_all``; on a plain socket straight to ``write(2)`` (no trio layers).
+
+        The receive deadline may still be set (it is cleared lazily, see
+        :meth:`_receive`): it is cleared before any wait here, so a send is
+        never cut by a client timeout.
+        """
         sock = self.sock
         if sock is None:
+            scope.deadline = math.inf
             await self.stream.send_all(data)
             return
         view = memoryview(data)
@@ -259,6 +267,7 @@ class _Session:
             try:
                 view = view[os.write(self.fd, view) :]
             except BlockingIOError:
+                scope.deadline = math.inf
                 await trio.lowlevel.wait_writable(sock)
             except OSError as exc:
                 raise trio.BrokenResourceError(repr(exc)) from exc
@@ -271,6 +280,11 @@ class _Session:
         ``send_all`` + ``receive_some`` + a cancel scope each. Waiting first
         also makes it a checkpoint when bytes are already there, so a client
         that floods pipelined commands cannot starve the other sessions.
+
+        The deadline is left set on return: nothing after a receive
+        checkpoints before the next one except ``_send``'s waits, the sink and
+        the TLS handshake, which clear it first (one deadline update per
+        command instead of two).
         """
         self.receiving = True
         scope.deadline = deadline
@@ -298,7 +312,6 @@ class _Session:
                 return data
         finally:
             self.receiving = False
-            scope.deadline = math.inf
 
     async def _start_tls(self) -> bool:
         """The server-side handshake after ``220 Ready to start TLS``; False: session over.
