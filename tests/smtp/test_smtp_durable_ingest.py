@@ -127,3 +127,89 @@ async def test_a_failed_inline_flush_fails_the_batch_and_nothing_is_acknowledged
     again = Spool.open(tmp_path)
     assert [m.id for m in again.iter()] == [kept]
     again.close()
+
+
+def _mail_config(spool: Path) -> Any:
+    from ipaddress import IPv4Address
+
+    from duravip.config.model import (
+        Binding,
+        BindingGroup,
+        ClusterConfig,
+        Config,
+        DuraVip,
+        HostPort,
+        SpoolConfig,
+    )
+
+    ip = IPv4Address
+    return Config(
+        cluster=ClusterConfig(
+            name="t", node_name="n1", gossip_address=HostPort(ip("127.0.0.1"), 1)
+        ),
+        spool=SpoolConfig(spool),
+        bindings=(
+            Binding("b1", ip("127.0.0.2"), enable_duravip=True),
+            Binding("ga", ip("127.0.0.3"), enable_duravip=True, group="pool"),
+            Binding("gb", ip("127.0.0.4"), enable_duravip=True, group="pool"),
+        ),
+        groups=(BindingGroup("pool", ("ga", "gb")),),
+        duravips={
+            ip("127.0.0.2"): DuraVip(ip("127.0.0.2"), binding="b1"),
+            ip("127.0.0.3"): DuraVip(ip("127.0.0.3"), binding="ga"),
+            ip("127.0.0.4"): DuraVip(ip("127.0.0.4"), binding="gb"),
+        },
+    )
+
+
+async def test_ingest_scans_the_bindings_only_for_a_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """held_here()/available() are a pass over every binding (10,240 at scale): the
+    accept path needs them only to pick a group member."""
+    from functools import partial
+
+    from duravip.mail.service import MailService, serve
+    from duravip.smtp.types import Envelope
+
+    def env(binding: str | None) -> Envelope:
+        head = b"From: a@example.org\r\n" + (
+            b"X-Binding: " + binding.encode() + b"\r\n" if binding else b""
+        )
+        return Envelope(
+            mail_from="a@example.org",
+            rcpt_to=("r@example.net",),
+            data=head + b"\r\nhi\r\n",
+            peer=("127.0.0.9", 4000),
+            local=("127.0.0.1", 25),
+        )
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            svc: MailService = await n.start(
+                partial(
+                    serve, config=_mail_config(tmp_path), node_name="n1", keyring_keys=lambda: []
+                )
+            )
+            svc.set_holders({"b1": None, "ga": "n1", "gb": None}, local="n1", peers={})
+            scans: list[str] = []
+            real_held, real_up = svc.held_here, svc.available
+
+            def held() -> frozenset[str]:
+                scans.append("held")
+                return frozenset(real_held())
+
+            def up() -> frozenset[str]:
+                scans.append("available")
+                return frozenset(real_up())
+
+            monkeypatch.setattr(svc, "held_here", held)
+            monkeypatch.setattr(svc, "available", up)
+            q1 = await svc.sink.accept(env("b1"))
+            q2 = await svc.sink.accept(env(None))
+            assert scans == []  # was two scans per message
+            q3 = await svc.sink.accept(env("pool"))
+            assert scans == ["held", "available"]
+            bindings = {m.id: m.binding for m in svc.spool.iter()}
+            assert bindings == {q1: "b1", q2: "default", q3: "ga"}  # ga: the member held here
+            n.cancel_scope.cancel()

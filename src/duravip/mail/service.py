@@ -229,9 +229,9 @@ class MailService:
         """Assign a binding, store durably, return the queue id (the SMTP ``250``)."""
         qid = new_queue_id()
         requested = router.requested_for(self.config, env.local, env.data)
-        binding = router.resolve(
-            self.config, requested, held_here=self.held_here(), key=qid, available=self.available()
-        )
+        group = requested != router.DEFAULT and self.config.binding(requested) is None
+        held, up = (self.held_here(), self.available()) if group else ((), None)  # O(bindings)
+        binding = router.resolve(self.config, requested, held_here=held, key=qid, available=up)
         try:
             await self.spool.store(
                 NewMessage(
