@@ -97,15 +97,15 @@ async def test_command_timeout_over_tcp() -> None:
 
 async def test_timeout_is_rearmed_by_every_command_over_tcp() -> None:
     """A client that answers within the timeout each time is never cut off."""
-    settings = ServerSettings(HOST, limits=SmtpLimits(command_timeout=0.4, data_timeout=5))
+    settings = ServerSettings(HOST, limits=SmtpLimits(command_timeout=1.0, data_timeout=5))
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             port = await _serve(nursery, Sink(), settings)
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             buf = bytearray()
             await _reply(stream, buf)
-            for _ in range(6):  # 6 x 0.2 s: longer than one timeout in all
-                await trio.sleep(0.2)
+            for _ in range(5):  # 5 x 0.3 s: longer than one timeout in all
+                await trio.sleep(0.3)
                 await stream.send_all(b"NOOP\r\n")
                 assert (await _reply(stream, buf)) == b"250 2.0.0 Ok\r\n"
             await stream.send_all(b"QUIT\r\n")
@@ -164,7 +164,7 @@ async def test_a_flooding_client_does_not_starve_another_session() -> None:
             await trio.sleep(0.2)
             for _ in range(20):
                 await other.send_all(b"NOOP\r\n")
-                with trio.fail_after(1):
+                with trio.fail_after(3):  # starved, it would wait for the flood to stop
                     assert (await _reply(other, ob)) == b"250 2.0.0 Ok\r\n"
             stop.set()
             nursery.cancel_scope.cancel()
