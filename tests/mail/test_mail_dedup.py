@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from ipaddress import IPv4Address
 from pathlib import Path
 
 import trio
@@ -150,3 +151,46 @@ async def test_mailq_and_console_show_pending_moves() -> None:
     reply = await mailq(MailContext(mailq=lambda: rows), [])
     assert reply.data["pending"] == {"count": 2, "age": 30.0}
     assert "pending moves: 2, oldest 30.0s" in reply.text
+
+
+async def test_a_reply_lost_after_the_data_is_flagged_in_doubt(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """The smarthost takes the message, then the connection breaks before its 250
+    (packet loss, the source IP moving away): the resend is flagged, not silent."""
+    got: list[bytes] = []
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"220 x\r\n")
+        buf = b""
+        while True:
+            data = await stream.receive_some(4096)
+            if not data:
+                return
+            buf += data
+            while b"\r\n" in buf:
+                line, _, buf = buf.partition(b"\r\n")
+                if line.startswith(b"DATA"):
+                    await stream.send_all(b"354 go\r\n")
+                elif line == b".":
+                    got.append(line)
+                    if len(got) == 1:
+                        await stream.aclose()  # took it, the 250 never leaves
+                        return
+                    await stream.send_all(b"250 ok\r\n")
+                elif line[:4] in (b"EHLO", b"MAIL", b"RCPT", b"QUIT"):
+                    await stream.send_all(b"250 ok\r\n")
+
+    ls = await nursery.start(trio.serve_tcp, handler, 0)
+    addr = HostPort(IPv4Address("127.0.0.1"), ls[0].socket.getsockname()[1])
+    counters: dict[str, int] = {}
+    with trio.fail_after(10):
+        sp = Spool.open(tmp_path / "s")
+        q = await sp.store(_new())
+        await _deliverer(sp, counters).deliver_batch(addr, None, [sp.get(q)])
+        m = sp.get(q)
+        assert m is not None and m.delivering > 0 and counters["deferred"] == 1
+        await _deliverer(sp, counters).deliver_batch(addr, None, [m])
+        assert len(sp) == 0
+        sp.close()
+    assert len(got) == 2 and counters["delivery_in_doubt"] == 1

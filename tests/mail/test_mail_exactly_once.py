@@ -338,3 +338,26 @@ def test_schedules_of_several_crashes(
 ) -> None:
     res = run(faults, n_msgs, reroute)
     _check(res)
+
+
+def test_an_in_doubt_mark_travels_with_a_moved_copy(tmp_path: Path) -> None:
+    """A copy whose delivery was cut off (it may be at the smarthost) and that then
+    moves keeps its mark: the receiver flags its own delivery of it in doubt."""
+
+    async def main() -> tuple[float, float]:
+        sched = Schedule([])
+        a, b = Node("n1", tmp_path / "a", sched), Node("n2", tmp_path / "b", sched)
+        q = await a.spool.store(
+            NewMessage("s@x", ("r@y",), b"Message-ID: <d@x>\r\n\r\nb\r\n", "b1", "b1", "n1")
+        )
+        await a.spool.update(q, delivering=123.5)
+        plain = await a.spool.store(NewMessage("s@x", ("r@y",), b"x\r\n", "b1", "b1", "n1"))
+        assert a.spool.get(plain) is not None
+        with trio.fail_after(10):
+            await _round(a, b)
+        got = sorted(m.delivering for m in b.spool.iter())
+        a.spool.close()
+        b.spool.close()
+        return got[0], got[1]
+
+    assert trio.run(main) == (0.0, 123.5)

@@ -81,18 +81,21 @@ class Deliverer:
         self.fault: ts.Fault = ts.no_fault
 
     async def defer(
-        self, msg: QueuedMessage, reason: str, rcpts: Sequence[str] | None = None
+        self,
+        msg: QueuedMessage,
+        reason: str,
+        rcpts: Sequence[str] | None = None,
+        *,
+        in_doubt: bool = False,
     ) -> None:
         cur = self.spool.get(msg.id)
         if cur is None:
             return
         attempts = cur.attempts + 1
         delay = backoff(attempts, self.retry_base, self.retry_max)
-        changes: dict[str, object] = {
-            "attempts": attempts,
-            "next_at": time.time() + delay,
-            "delivering": 0.0,
-        }
+        changes: dict[str, object] = {"attempts": attempts, "next_at": time.time() + delay}
+        if not in_doubt:
+            changes["delivering"] = 0.0
         if rcpts is not None:
             changes["rcpt_to"] = tuple(rcpts)
         await self.spool.update(msg.id, **changes)
@@ -175,9 +178,20 @@ class Deliverer:
                         key,
                     )
         except SmtpError as exc:
-            await session.abort()
-            for m in pending:
-                await self.defer(m, f"session with {smarthost}: {exc}")
+            # Recorded even when the binding is moving away (cancelled): a message
+            # whose reply was lost keeps its in-doubt mark for the next attempt.
+            with trio.CancelScope(shield=True):
+                await session.abort()
+                for i, m in enumerate(pending):
+                    doubt = exc.after_data and i == 0
+                    if doubt:
+                        log.warning(
+                            "delivery of %s: the session broke after the message was sent, "
+                            "before the smarthost's reply (it may have taken it): %s",
+                            m.id,
+                            exc,
+                        )
+                    await self.defer(m, f"session with {smarthost}: {exc}", in_doubt=doubt)
             return
         await session.quit()
 

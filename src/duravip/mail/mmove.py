@@ -66,7 +66,7 @@ __all__ = [
 EHLO_KEYWORD = "XMMOVE"
 MAIL_PARAMS = frozenset(
     {"XBINDING", "XREQUEST", "XMMOVEID", "XQID", "XORIGIN"}
-    | {ts.TID_PARAM, ts.SENDER_PARAM, ts.COMMIT_PARAM, ts.QUERY_PARAM}
+    | {ts.TID_PARAM, ts.SENDER_PARAM, ts.COMMIT_PARAM, ts.QUERY_PARAM, ts.DOUBT_PARAM}
 )
 
 
@@ -173,9 +173,10 @@ class Receiver:
             origin = auth.xtext_decode(p.get("XORIGIN", ""))
             tid = auth.xtext_decode(p[ts.TID_PARAM]) if ts.TID_PARAM in p else None
             sender = auth.xtext_decode(p.get(ts.SENDER_PARAM, "")) or None
+            doubt = float(p.get(ts.DOUBT_PARAM, "0"))
         except ValueError as exc:
             raise PermanentFailure(f"bad mmove parameter: {exc}") from exc
-        if tid is not None and (sender is None or not ts.decode_ids(tid.encode()) == [tid]):
+        if tid is not None and (sender is None or not ts.valid_tid(tid)):
             raise PermanentFailure("two-phase mmove needs a valid XTID and XSENDER")
         # Two-phase (XTID): one key per attempt; single-phase (an older sender): per copy.
         key = tid if tid is not None else f"{mmove_id}/{sender_qid}"
@@ -186,6 +187,11 @@ class Receiver:
                 log.info("%s: duplicate transfer %s from %s acknowledged", SERVICE, key, env.peer[0])
                 return f"duplicate-{mmove_id}"
             qid = await self._store(env, binding, requested, origin, mmove_id, key, sender if tid else None)
+            if doubt > 0:  # rare: the sender's last delivery of it was cut off
+                try:
+                    await self.spool.update(qid, delivering=doubt)
+                except SpoolError as exc:  # no 250: this attempt is aborted
+                    raise TemporaryFailure(f"spool: {exc}") from exc
         _bump(self.counters, "mmove_received")
         log.info(
             "%s: received %s as %s (binding %s%s) from %s",
@@ -425,6 +431,7 @@ async def move_batch(
                         f"XORIGIN={auth.xtext_encode(cur.origin)}",
                         f"{ts.TID_PARAM}={tid}",
                         f"{ts.SENDER_PARAM}={auth.xtext_encode(helo)}",
+                        *([f"{ts.DOUBT_PARAM}={cur.delivering!r}"] if cur.delivering else []),
                     ]
                     res = await session.send(
                         cur.mail_from,

@@ -41,6 +41,8 @@ log = logging.getLogger("duravip.mail.ECmmove2")
 RESOLVE_AFTER = 5.0
 #: How often the resolver looks for such copies.
 RESOLVE_INTERVAL = 2.0
+#: Per operation of a query connection (a paused sender is asked again next round).
+QUERY_TIMEOUT = 10.0
 
 
 def due(spool: Spool, now: float, older_than: float) -> dict[str, list[tuple[str, str]]]:
@@ -128,24 +130,30 @@ async def serve_resolver(
 ) -> None:
     """Every ``interval``, ask each reachable sender about its overdue pending copies."""
     counters = receiver.counters
+
+    async def with_node(node: str, items: list[tuple[str, str]]) -> None:
+        address = peers().get(node)
+        k = keys()
+        if address is None or not k:
+            return
+        try:
+            n = await resolve_with(
+                receiver, node, items, address=address, key=k[0], cluster=cluster,
+                helo=helo(), counters=counters, timeout=QUERY_TIMEOUT,
+            )
+        except MoveFailed as exc:
+            counters["mmove_resolve_failed"] = counters.get("mmove_resolve_failed", 0) + 1
+            log.warning("%s: %s (retried)", SERVICE, exc)
+            return
+        if n:
+            log.info("%s: %d pending copy(ies) from %s resolved", SERVICE, n, node)
+
     task_status.started()
     while True:
         wait = RESOLVE_INTERVAL if interval is None else interval
         after = RESOLVE_AFTER if older_than is None else older_than
-        for node, items in due(receiver.spool, time.time(), after).items():
-            address = peers().get(node)
-            k = keys()
-            if address is None or not k:
-                continue
-            try:
-                n = await resolve_with(
-                    receiver, node, items, address=address, key=k[0], cluster=cluster,
-                    helo=helo(), counters=counters,
-                )
-            except MoveFailed as exc:
-                counters["mmove_resolve_failed"] = counters.get("mmove_resolve_failed", 0) + 1
-                log.warning("%s: %s (retry in %.1fs)", SERVICE, exc, wait)
-                continue
-            if n:
-                log.info("%s: %d pending copy(ies) from %s resolved", SERVICE, n, node)
+        # One sender paused or unreachable must not hold up the others.
+        async with trio.open_nursery() as nursery:
+            for node, items in due(receiver.spool, time.time(), after).items():
+                nursery.start_soon(with_node, node, items)
         await trio.sleep(wait)

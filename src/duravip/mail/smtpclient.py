@@ -34,6 +34,10 @@ from duravip.smtp.newlines import wire_body
 class SmtpError(Exception):
     """The session broke (connection, timeout or protocol); every unsent message is deferred."""
 
+    #: It broke after the whole message was written, before its reply: the server may
+    #: have taken it (a resend may duplicate it).
+    after_data: bool = False
+
 
 class _Protocol(SMTPClientProtocol):
     def mail_with(self, sender: str, params: Sequence[str]) -> None:
@@ -178,7 +182,11 @@ class SmtpSession:
         # us not knowing whether the server took the message (and resending it
         # elsewhere makes a duplicate): let it finish, bounded by the timeout.
         with trio.CancelScope(shield=True):
-            r = await self._cmd(self.proto.data_raw, data)
+            try:
+                r = await self._cmd(self.proto.data_raw, data)
+            except SmtpError as exc:
+                exc.after_data = True
+                raise
         return SendResult(r.code, r.message, tuple(accepted), tuple(deferred), tuple(rejected))
 
     async def quit(self) -> None:

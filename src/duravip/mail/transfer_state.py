@@ -30,6 +30,8 @@ COMMIT_PARAM = "XMMOVEC"
 QUERY_PARAM = "XMMOVEQ"
 TID_PARAM = "XTID"
 SENDER_PARAM = "XSENDER"
+#: A copy whose last delivery is in doubt keeps that mark when it moves (its time).
+DOUBT_PARAM = "XDOUBT"
 CONTROL_RCPT = "mmove-control@duravip.invalid"
 #: Transfer ids per query transaction (keeps the answer line short).
 QUERY_CHUNK = 20
@@ -117,6 +119,10 @@ class TransferState:
         if (now if now is not None else time.time()) - tid_time(tid) > self.window * 0.9:
             return Answer.UNKNOWN
         return Answer.ABORTED
+
+
+def valid_tid(tid: str) -> bool:
+    return _TID.fullmatch(tid) is not None
 
 
 def encode_ids(tids: Iterable[str]) -> bytes:
