@@ -194,3 +194,16 @@ async def test_a_reply_lost_after_the_data_is_flagged_in_doubt(
         assert len(sp) == 0
         sp.close()
     assert len(got) == 2 and counters["delivery_in_doubt"] == 1
+
+
+def test_check_config_refuses_a_bad_dedup_window() -> None:
+    from tests.config.conftest import LAB_N1
+
+    from duravip.config.loader import check_text
+
+    res = check_text(LAB_N1.replace(
+        'Delivery { smarthost = "10.1.0.3:25" }',
+        'Delivery { smarthost = "10.1.0.3:25" dedup_max = 0 }',
+    ))
+    text = " ".join(str(d) for d in res.diagnostics)
+    assert "dedup_max must be at least 1" in text and "<string>:19:" in text, text

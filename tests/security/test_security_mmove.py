@@ -25,6 +25,7 @@ from duravip.mail import mmove
 from duravip.mail import mmove_auth as auth
 from duravip.mail.mmove import MoveFailed, Receiver, client_preamble, move_batch, serve_listener
 from duravip.mail.spool import NewMessage, Spool
+from duravip.smtp.types import Envelope, PermanentFailure
 
 CLUSTER = "sec"
 KEY = os.urandom(32)
@@ -489,3 +490,67 @@ async def test_oversized_frame_from_a_key_holder_is_refused_on_its_header(spool:
             await still_serves()
             nursery.cancel_scope.cancel()
     assert counters["mmove_frame_rejected"] == 1
+
+
+# --- two-phase mmove control transactions (after the preamble: an authenticated peer) ----------
+
+
+def _control(param: str, data: bytes, **extra: str) -> Envelope:
+    return Envelope(
+        mail_from="",
+        rcpt_to=("mmove-control@duravip.invalid",),
+        data=data,
+        peer=("127.0.0.9", 1),
+        mail_params={param: "1", **extra},
+    )
+
+
+@pytest.mark.parametrize(
+    "data", [b"not-an-id\r\n", b"01a2\r\n", b"0" * 23 + b"\r\n", b"\xff" * 22, b"ab;cd" * 5]
+)
+@pytest.mark.parametrize("param", ["XMMOVEC", "XMMOVEQ"])
+async def test_malformed_control_transactions_are_refused(
+    spool: Spool, param: str, data: bytes
+) -> None:
+    receiver = Receiver(spool, {})
+    with pytest.raises(PermanentFailure):
+        await receiver.accept(_control(param, data))
+
+
+async def test_a_commit_only_makes_a_pending_copy_of_that_id_live(spool: Spool) -> None:
+    """A commit for an unknown id, or for a live copy, changes nothing; a query is
+    answered from this node's own durable record only."""
+    from duravip.mail.spool import new_queue_id
+    from duravip.mail.transfer_state import encode_ids, parse_answers
+
+    counters: dict[str, int] = {}
+    receiver = Receiver(spool, counters)
+    tid, other = new_queue_id(), new_queue_id()
+    live = await spool.store(NewMessage("a@x", ("r@y",), b"x\r\n", "b1", "b1", "n1"))
+    pend = await spool.store(
+        NewMessage("a@x", ("r@y",), b"y\r\n", "b1", "b1", "n1", transfer_key=tid, pending="n1")
+    )
+    await receiver.accept(_control("XMMOVEC", encode_ids([other])))
+    assert spool.get(pend).pending == "n1"
+    await receiver.accept(_control("XMMOVEC", encode_ids([tid, tid])))
+    assert spool.get(pend).pending is None and spool.get(live) is not None
+    assert counters["mmove_committed"] == 1
+    # This node never sent `other`, and removed nothing with it: "aborted".
+    await spool.remove(live, tid=tid)
+    reply = await receiver.accept(_control("XMMOVEQ", encode_ids([tid, other])))
+    assert {k: v.value for k, v in parse_answers(reply).items()} == {tid: "c", other: "a"}
+
+
+@pytest.mark.parametrize("extra", [{"XTID": "zz"}, {"XTID": "0" * 22}, {"XTID": "0" * 22, "XDOUBT": "x"}])
+async def test_a_two_phase_move_needs_a_valid_id_and_sender(
+    spool: Spool, extra: dict[str, str]
+) -> None:
+    env = Envelope(
+        mail_from="a@x",
+        rcpt_to=("r@y",),
+        data=b"x\r\n",
+        mail_params={"XMMOVEID": "m1", "XQID": "q1", **({"XSENDER": "n1"} if "XDOUBT" in extra else {}), **extra},
+    )
+    with pytest.raises(PermanentFailure):
+        await Receiver(spool, {}).accept(env)
+    assert len(spool) == 0

@@ -340,6 +340,15 @@ def check_smtp_limits(config: Config, locs: Locs) -> Iterator[Diagnostic]:
         )
 
 
+def check_delivery(config: Config, locs: Locs) -> Iterator[Diagnostic]:
+    """The delivery dedup window: a negative age or a count under 1 is a typo."""
+    d = config.delivery
+    if d.dedup_window < 0:
+        yield _err(locs.get(("delivery", "dedup_window"), locs.get(("delivery",))), "dedup_window must not be negative")
+    if d.dedup_max < 1:
+        yield _err(locs.get(("delivery", "dedup_max"), locs.get(("delivery",))), "dedup_max must be at least 1")
+
+
 def check_tls(config: Config, locs: Locs) -> Iterator[Diagnostic]:
     """STARTTLS files of each Listen block: present, loadable, the key kept private."""
     if config.smtp.session_timeout <= 0:
@@ -455,6 +464,7 @@ RULES: tuple[Rule, ...] = (
     check_timers,
     check_control,
     check_smtp_limits,
+    check_delivery,
     check_tls,
     check_operator,
 )
