@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import typing
 from typing import Any
 
@@ -12,29 +11,16 @@ from duravip.swim import codec
 from duravip.swim.context import Context
 from duravip.swim.crypto import Boot, Keyring
 from duravip.swim.dispatch import admit, answer, dispatch, open_stream
-from duravip.swim.members import Addr, NodeState
+from duravip.swim.members import Addr
 from duravip.swim.replay import ReplayGuard
-from duravip.swim.settings import Timers
 
-KEY = Keyring([b"0123456789abcdef0123456789abcdef"])
-T = Timers(0.4, 0.2, 3, 4, 1.5, 6.0, 0.1, 3, 30.0, 8, 30.0, 30.0)
-Y_ADDR: Addr = ("10.0.0.2", 4801)
+from .contexts import KEY, addr, new_context
+
+Y_ADDR: Addr = addr(1)
 
 
 def make_ctx() -> Context:
-    ctx = Context(
-        name="x",
-        addr=("10.0.0.1", 4801),
-        cluster="c",
-        timers=T,
-        keyring=KEY,
-        meta=b"",
-        rng=random.Random(1),
-        now=0.0,
-        epoch=1,
-    )
-    ctx.table.add(NodeState("y", Y_ADDR, 0, 0.0))
-    return ctx
+    return new_context("y")  # y at addr(1) == Y_ADDR
 
 
 def frame(*msgs: codec.Message, sender: str = "y", dest: str = "x", boot: Boot) -> bytes:

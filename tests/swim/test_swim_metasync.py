@@ -2,39 +2,20 @@
 
 from __future__ import annotations
 
-import random
-
 from duravip.swim import codec
 from duravip.swim.codec import MetaRequest, MetaResponse
-from duravip.swim.context import Context, meta_digest
-from duravip.swim.crypto import Keyring
+from duravip.swim.context import meta_digest
 from duravip.swim.members import Addr, NodeState, State
 from duravip.swim.metasync import META_BACKOFF_MIN, MetaSync
-from duravip.swim.settings import Timers
 
-KEY = Keyring([b"0123456789abcdef0123456789abcdef"])
-T = Timers(0.4, 0.2, 3, 4, 1.5, 6.0, 0.1, 3, 30.0, 8, 30.0, 30.0)
+from .contexts import KEY, addr, new_context
+
 VIEW = b"view of a" * 10
 
 
-def addr(i: int) -> Addr:
-    return (f"10.0.0.{i + 1}", 4801)
-
 
 def make(*peers: str) -> MetaSync:
-    ctx = Context(
-        name="x",
-        addr=addr(0),
-        cluster="c",
-        timers=T,
-        keyring=KEY,
-        meta=b"mine",
-        rng=random.Random(1),
-        now=0.0,
-        epoch=1,
-    )
-    for i, p in enumerate(peers, 1):
-        ctx.table.add(NodeState(p, addr(i), 0, 0.0))
+    ctx = new_context(*peers, meta=b"mine")
     ctx.events.clear()
     return MetaSync(ctx)
 

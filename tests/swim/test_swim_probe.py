@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import random
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,33 +10,14 @@ from hypothesis import strategies as st
 from duravip.swim import codec
 from duravip.swim.codec import Ack, Alive, Nack, Ping, PingReq, Suspect
 from duravip.swim.context import Context
-from duravip.swim.crypto import Keyring
-from duravip.swim.members import Addr, NodeState, State
+from duravip.swim.members import Addr, State
 from duravip.swim.probe import MAX_RELAYS, Prober
-from duravip.swim.settings import Timers
 
-KEY = Keyring([b"0123456789abcdef0123456789abcdef"])
-T = Timers(0.4, 0.2, 3, 4, 1.5, 6.0, 0.1, 3, 30.0, 8, 30.0, 30.0)
-
-
-def addr(i: int) -> Addr:
-    return (f"10.0.0.{i + 1}", 4801)
+from .contexts import KEY, T, addr, new_context
 
 
 def make(*peers: str) -> tuple[Prober, list[Suspect]]:
-    ctx = Context(
-        name="x",
-        addr=addr(0),
-        cluster="c",
-        timers=T,
-        keyring=KEY,
-        meta=b"",
-        rng=random.Random(1),
-        now=0.0,
-        epoch=1,
-    )
-    for i, p in enumerate(peers, 1):
-        ctx.table.add(NodeState(p, addr(i), 0, 0.0))
+    ctx = new_context(*peers)
     suspected: list[Suspect] = []
     return Prober(ctx, lambda s, now: suspected.append(s), 0.0), suspected
 

@@ -2,44 +2,24 @@
 
 from __future__ import annotations
 
-import random
-
 import attrs
 
 from duravip.swim import codec
 from duravip.swim.codec import NodeRecord, PushPull
-from duravip.swim.context import Context
-from duravip.swim.crypto import Keyring
-from duravip.swim.members import Addr, NodeState, State
+from duravip.swim.members import Addr, State
 from duravip.swim.metasync import MetaSync
 from duravip.swim.pushpull import JOIN_BACKOFF_MAX, JOIN_BACKOFF_MIN, AntiEntropy, merge, records
 from duravip.swim.replay import ReplayGuard
-from duravip.swim.settings import Timers
 from duravip.swim.transitions import Transitions
 
-KEY = Keyring([b"0123456789abcdef0123456789abcdef"])
-T = Timers(0.4, 0.2, 3, 4, 1.5, 6.0, 0.1, 3, 30.0, 8, 30.0, 30.0)
+from .contexts import KEY, T, addr, new_context
+
 ALIVE, SUSPECT, DEAD, LEFT = (codec.STATE_CODES[s] for s in ("alive", "suspect", "dead", "left"))
 
 
-def addr(i: int) -> Addr:
-    return (f"10.0.0.{i + 1}", 4801)
-
 
 def make(*peers: str, seeds: tuple[Addr, ...] = ()) -> AntiEntropy:
-    ctx = Context(
-        name="x",
-        addr=addr(0),
-        cluster="c",
-        timers=T,
-        keyring=KEY,
-        meta=b"",
-        rng=random.Random(1),
-        now=0.0,
-        epoch=1,
-    )
-    for i, p in enumerate(peers, 1):
-        ctx.table.add(NodeState(p, addr(i), 0, 0.0))
+    ctx = new_context(*peers)
     tr = Transitions(ctx, MetaSync(ctx), ReplayGuard(), lambda name: None)
     return AntiEntropy(ctx, tr, seeds, 0.0)
 
