@@ -7,6 +7,7 @@ SMTP on a VIP (the 220 banner names the node), what the sink received.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -31,6 +32,15 @@ def holders(lab: Lab, nodes: Iterable[str] | None = None) -> dict[str, list[str]
         for ip in lab.holds(n):
             out.setdefault(ip, []).append(n)
     return out
+
+
+def print_log_tails(lab: Lab, lines: int = 15) -> None:
+    """Each daemon's last log lines on stderr: what a failed test's teardown shows."""
+    for n in lab.nodes if lab.exists() else []:
+        log = lab.log_path(n)
+        if log.exists():
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+            print(f"--- {n} daemon.log (tail)\n" + "\n".join(tail), file=sys.stderr)
 
 
 def wait_converged(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +20,7 @@ from duravip_lab.scenario import (
     VIPS,
     HolderSampler,
     Prober,
+    print_log_tails,
     send_mail,
     wait_converged,
     wait_delivered,
@@ -48,11 +48,7 @@ def lab() -> Iterator[Any]:
         wait_converged(lab, VIPS, timeout=30, expect=PREFERRED)
         yield lab
     finally:
-        for n in lab.nodes if lab.exists() else []:
-            log = lab.log_path(n)
-            if log.exists():
-                tail = log.read_text(errors="replace").splitlines()[-15:]
-                print(f"--- {n} daemon.log (tail)\n" + "\n".join(tail), file=sys.stderr)
+        print_log_tails(lab)
         lab.down()
 
 

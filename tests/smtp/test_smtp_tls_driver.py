@@ -91,15 +91,21 @@ async def serve_one_port(
     return int(listeners[0].socket.getsockname()[1])
 
 
-async def tls_client(
-    port: int, client_ctx: ssl.SSLContext
-) -> tuple[trio.SSLStream[trio.SocketStream], bytearray]:
-    """Connect, EHLO, STARTTLS, handshake: the caller continues inside TLS."""
+async def plain_client(port: int) -> tuple[trio.SocketStream, bytearray]:
+    """Connect and EHLO in plaintext; STARTTLS must be offered."""
     raw = await trio.open_tcp_stream("127.0.0.1", port)
     buf = bytearray()
     assert (await read_reply(raw, buf)).startswith(b"220 node-s ")
     await raw.send_all(b"EHLO c\r\n")
     assert b"250 STARTTLS\r\n" in await read_reply(raw, buf)
+    return raw, buf
+
+
+async def tls_client(
+    port: int, client_ctx: ssl.SSLContext
+) -> tuple[trio.SSLStream[trio.SocketStream], bytearray]:
+    """Connect, EHLO, STARTTLS, handshake: the caller continues inside TLS."""
+    raw, buf = await plain_client(port)
     await raw.send_all(b"STARTTLS\r\n")
     assert await read_reply(raw, buf) == b"220 2.0.0 Ready to start TLS\r\n"
     assert not buf
@@ -191,11 +197,7 @@ async def test_pipelined_command_after_starttls_is_refused_on_the_wire(ca: TestC
             port = await serve_one_port(
                 nursery, sink, server_context(files.certificate, files.key), "optional", counters
             )
-            raw = await trio.open_tcp_stream("127.0.0.1", port)
-            buf = bytearray()
-            await read_reply(raw, buf)
-            await raw.send_all(b"EHLO c\r\n")
-            await read_reply(raw, buf)
+            raw, buf = await plain_client(port)
             await raw.send_all(b"STARTTLS\r\nMAIL FROM:<evil@x>\r\nRCPT TO:<v@y>\r\n")
             rest = bytes(buf) + await read_to_eof(raw)
             await raw.aclose()
@@ -232,11 +234,7 @@ async def test_handshake_garbage_ends_only_that_session(ca: TestCA) -> None:
             port = await serve_one_port(
                 nursery, sink, server_context(files.certificate, files.key), "optional", counters
             )
-            raw = await trio.open_tcp_stream("127.0.0.1", port)
-            buf = bytearray()
-            await read_reply(raw, buf)
-            await raw.send_all(b"EHLO c\r\n")
-            await read_reply(raw, buf)
+            raw, buf = await plain_client(port)
             await raw.send_all(b"STARTTLS\r\n")
             await read_reply(raw, buf)
             await raw.send_all(b"MAIL FROM:<not-a-client-hello@x>\r\n")
