@@ -11,12 +11,12 @@ import json
 import os
 import sys
 from collections.abc import Iterable, Iterator
-from ipaddress import IPv4Address
 from typing import TextIO
 
 from duravip.config.diagnostics import Diagnostic
 from duravip.config.loader import check, to_jsonable
 from duravip.config.model import Config, DuraVip
+from duravip.ipaddr import IPAddress
 
 #: Above this many DuraVIPs the summary shows ranges instead of one line each.
 DETAIL_LIMIT = 20
@@ -81,7 +81,7 @@ def summary(config: Config) -> Iterator[str]:
         yield from ("  " + line for line in _ranges(config, vips))
 
 
-def _iface(config: Config, ip: IPv4Address) -> str:
+def _iface(config: Config, ip: IPAddress) -> str:
     t = config.topology_for(ip)
     return f"{t.interface}/{t.cidrmask}" if t is not None else "no topology"
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from ipaddress import AddressValueError, IPv4Address, IPv4Network, NetmaskValueError
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from typing import Any, Final
 
 import cattrs
 
 from duravip.config.model import HostPort, SourceLoc
+from duravip.ipaddr import IPAddress, IPNetwork
 
 _TRUE: Final = frozenset({"true", "yes", "on", "1"})
 _FALSE: Final = frozenset({"false", "no", "off", "0"})
@@ -55,26 +56,56 @@ def parse_mode(text: str) -> int:
     return int(m.group(1), 8)
 
 
-def parse_ipv4(text: str) -> IPv4Address:
+def parse_ipv4(text: str) -> IPAddress:
+    """An IPv4 or IPv6 address (the name is kept for callers; both families are DuraVIPs).
+
+    IPv6 addresses in ``::/96`` (IPv4-compatible, deprecated) are refused: the
+    election keys IPs by their integer value, which would collide with IPv4.
+    """
+    t = text.strip()
     try:
-        return IPv4Address(text.strip())
-    except AddressValueError as exc:
-        raise ValueError(f"expected an IPv4 address such as 10.1.1.1, got {text!r}") from exc
+        ip = ip_address(t)
+    except ValueError as exc:
+        raise ValueError(
+            f"expected an IPv4 address such as 10.1.1.1 or an IPv6 address such as"
+            f" 2001:db8::1, got {text!r}"
+        ) from exc
+    if ip.version == 6 and int(ip) >> 32 == 0:
+        raise ValueError(f"IPv4-compatible IPv6 address {text!r} (in ::/96) is not supported")
+    return ip
 
 
-def parse_network(text: str) -> IPv4Network:
+parse_ip = parse_ipv4
+
+
+def parse_network(text: str) -> IPNetwork:
     try:
-        return IPv4Network(text.strip())
-    except (AddressValueError, NetmaskValueError) as exc:
-        raise ValueError(f"expected an IPv4 network such as 10.1.1.0/24, got {text!r}") from exc
-    except ValueError as exc:  # host bits set
+        return ip_network(text.strip())
+    except ValueError as exc:
+        try:
+            ip_network(text.strip(), strict=False)
+        except ValueError:
+            raise ValueError(
+                f"expected an IP network such as 10.1.1.0/24 or 2001:db8:1::/64, got {text!r}"
+            ) from exc
         raise ValueError(f"{text!r} has host bits set; write the network address") from exc
 
 
 def parse_hostport(text: str) -> HostPort:
-    host, sep, port = text.strip().rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"expected ip:port such as 10.1.0.11:4801, got {text!r}")
+    """``10.1.0.11:4801`` or ``[2001:db8::11]:4801`` (IPv6 needs the brackets)."""
+    t = text.strip()
+    if t.startswith("["):
+        host, sep, port = t[1:].partition("]:")
+        if not sep or not host:
+            raise ValueError(f"expected [ipv6]:port such as [2001:db8::11]:4801, got {text!r}")
+        if ":" not in host:
+            raise ValueError(f"brackets are for IPv6 addresses only, got {text!r}")
+    else:
+        host, sep, port = t.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"expected ip:port such as 10.1.0.11:4801, got {text!r}")
+        if ":" in host:
+            raise ValueError(f"write an IPv6 endpoint as [address]:port, got {text!r}")
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"port must be 1..65535, got {port!r} in {text!r}")
     return HostPort(parse_ipv4(host), int(port))
@@ -95,14 +126,27 @@ def _hook(fn: Any) -> Any:
     return structure
 
 
+def _optional(hook: Any) -> Any:
+    def structure(value: Any, type_: Any) -> Any:
+        return None if value is None else hook(value, type_)
+
+    return structure
+
+
 def make_structure_converter() -> cattrs.Converter:
     """Converter from the raw strings of the stanza tree to typed values."""
     conv = cattrs.Converter()
     conv.register_structure_hook(bool, _hook(parse_bool))
     conv.register_structure_hook(float, _hook(parse_duration))
     conv.register_structure_hook(int, _hook(parse_int))
-    conv.register_structure_hook(IPv4Address, _hook(parse_ipv4))
-    conv.register_structure_hook(IPv4Network, _hook(parse_network))
+    ip_hook, net_hook = _hook(parse_ipv4), _hook(parse_network)
+    conv.register_structure_hook_func(lambda t: t == IPAddress, ip_hook)
+    conv.register_structure_hook_func(lambda t: t == IPAddress | None, _optional(ip_hook))
+    conv.register_structure_hook_func(lambda t: t == IPNetwork, net_hook)
+    for tp in (IPv4Address, IPv6Address):
+        conv.register_structure_hook(tp, ip_hook)
+    for net in (IPv4Network, IPv6Network):
+        conv.register_structure_hook(net, net_hook)
     conv.register_structure_hook(HostPort, _hook(parse_hostport))
     conv.register_structure_hook(Path, _hook(parse_path))
     conv.register_structure_hook(str, _hook(str))
@@ -112,8 +156,9 @@ def make_structure_converter() -> cattrs.Converter:
 def make_unstructure_converter() -> cattrs.Converter:
     """Converter from :class:`Config` to plain JSON types (IPs and paths as strings)."""
     conv = cattrs.Converter()
-    for tp in (IPv4Address, IPv4Network, HostPort, Path, SourceLoc):
+    for tp in (IPv4Address, IPv6Address, IPv4Network, IPv6Network, HostPort, Path, SourceLoc):
         conv.register_unstructure_hook(tp, str)
+    conv.register_unstructure_hook_func(lambda t: t in (IPAddress, IPNetwork), str)
 
     def mapping(value: Mapping[Any, Any]) -> dict[str, Any]:
         return {str(k): conv.unstructure(v) for k, v in value.items()}

@@ -8,12 +8,13 @@ the upgrades come back as ``info`` diagnostics.
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address
+from ipaddress import ip_address
 
 import attrs
 
 from duravip.config.diagnostics import Diagnostic
 from duravip.config.model import Binding, ClusterConfig, DuraVip, Listener
+from duravip.ipaddr import IPAddress
 
 __all__ = ["derive"]
 
@@ -22,8 +23,8 @@ def derive(
     listeners: list[Listener],
     bindings: list[Binding],
     cluster: ClusterConfig,
-    held: set[IPv4Address],
-) -> tuple[list[Listener], list[Binding], dict[IPv4Address, DuraVip], list[Diagnostic]]:
+    held: set[IPAddress],
+) -> tuple[list[Listener], list[Binding], dict[IPAddress, DuraVip], list[Diagnostic]]:
     """Work out every DuraVIP and upgrade the other services on its IP.
 
     Follow targets are resolved to binding names (by name or by IP);
@@ -36,13 +37,13 @@ def derive(
     notes: list[Diagnostic] = []
     nets = [t.network for t in cluster.topology]
 
-    def upgradable(ip: IPv4Address) -> bool:
+    def upgradable(ip: IPAddress) -> bool:
         return ip not in held and any(ip in n for n in nets)
 
     by_name: dict[str, Binding] = {}
     for b in bindings:
         by_name.setdefault(b.name.lower(), b)
-    by_ip: dict[IPv4Address, Binding] = {}
+    by_ip: dict[IPAddress, Binding] = {}
     for b in bindings:
         if b.bind_address is not None:
             by_ip.setdefault(b.bind_address, b)
@@ -54,14 +55,14 @@ def derive(
             target = by_name.get(follow.lower())
             if target is None:
                 try:
-                    target = by_ip.get(IPv4Address(follow))
+                    target = by_ip.get(ip_address(follow))
                 except ValueError:
                     target = None
             if target is not None:
                 lst = attrs.evolve(lst, duravip_follow=target.name)
         resolved.append(lst)
 
-    vip_ips: set[IPv4Address] = set()
+    vip_ips: set[IPAddress] = set()
     for lst in resolved:
         if lst.is_duravip:
             vip_ips.add(lst.address.host)
@@ -70,9 +71,9 @@ def derive(
             vip_ips.add(b.bind_address)
 
     out_listeners: list[Listener] = []
-    ports: dict[IPv4Address, list[int]] = {}
-    follows: dict[IPv4Address, str] = {}
-    prefs: dict[IPv4Address, str] = {}
+    ports: dict[IPAddress, list[int]] = {}
+    follows: dict[IPAddress, str] = {}
+    prefs: dict[IPAddress, str] = {}
     for lst in resolved:
         ip = lst.address.host
         if ip in vip_ips and (lst.is_duravip or upgradable(ip)):
@@ -94,7 +95,7 @@ def derive(
         out_listeners.append(lst)
 
     out_bindings: list[Binding] = []
-    names: dict[IPv4Address, str] = {}
+    names: dict[IPAddress, str] = {}
     for b in bindings:
         bip = b.bind_address
         if bip is not None and bip in vip_ips and (b.enable_duravip or upgradable(bip)):

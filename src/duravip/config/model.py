@@ -9,12 +9,12 @@ daemon can swap a whole ``Config`` atomically on reload.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Literal
 
 from attrs import Factory, field, frozen
 
+from duravip.ipaddr import IPAddress, IPNetwork
 from duravip.swim.settings import Timers as Timers
 
 Profile = Literal["lan", "fast", "wan"]
@@ -28,12 +28,14 @@ MAX_DURAVIPS = 10_240
 
 @frozen(order=True)
 class HostPort:
-    """An IPv4 endpoint such as ``"10.1.0.11:4801"``."""
+    """An endpoint such as ``"10.1.0.11:4801"`` or ``"[2001:db8::11]:4801"``."""
 
-    host: IPv4Address
+    host: IPAddress
     port: int
 
     def __str__(self) -> str:
+        if self.host.version == 6:
+            return f"[{self.host}]:{self.port}"
         return f"{self.host}:{self.port}"
 
     def as_tuple(self) -> tuple[str, int]:
@@ -103,9 +105,12 @@ PRESETS: Mapping[str, Timers] = {
 
 @frozen
 class Topology:
-    """DuraVIPs inside ``network`` are plumbed on ``interface`` with ``/cidrmask``."""
+    """DuraVIPs inside ``network`` are plumbed on ``interface`` with ``/cidrmask``.
 
-    network: IPv4Network
+    ``cidrmask`` defaults to the host length of the network's family (32 or 128).
+    """
+
+    network: IPNetwork
     interface: str
     cidrmask: int = 32
     loc: SourceLoc | None = field(default=None, eq=False)
@@ -167,7 +172,7 @@ class Binding:
     """A named outbound identity; mail for it leaves from ``bind_address``."""
 
     name: str
-    bind_address: IPv4Address | None = None
+    bind_address: IPAddress | None = None
     enable_duravip: bool = False
     duravip_preference: str | None = None
     #: The ``Binding_Group`` this binding sits in, if any.
@@ -273,7 +278,7 @@ class Config:
     groups: tuple[BindingGroup, ...] = ()
     health: tuple[HealthCheck, ...] = ()
     source: str = "<string>"
-    duravips: Mapping[IPv4Address, DuraVip] = Factory(dict)
+    duravips: Mapping[IPAddress, DuraVip] = Factory(dict)
     """Derived by the structurer: every DuraVIP IP with what runs on it."""
 
     def binding(self, name: str) -> Binding | None:
@@ -282,7 +287,7 @@ class Config:
                 return b
         return None
 
-    def topology_for(self, ip: IPv4Address) -> Topology | None:
+    def topology_for(self, ip: IPAddress) -> Topology | None:
         """Longest-prefix match of ``ip`` against the Topology blocks."""
         best: Topology | None = None
         for t in self.cluster.topology:
@@ -299,7 +304,7 @@ class DuraVip:
     :class:`duravip.election.NodeView`).
     """
 
-    ip: IPv4Address
+    ip: IPAddress
     #: Ports of ESMTP listeners on this IP (sorted).
     listener_ports: tuple[int, ...] = ()
     #: Name of the binding whose ``Bind_Address`` is this IP, if any.

@@ -12,12 +12,12 @@ import os
 import ssl
 import stat
 from collections.abc import Callable, Iterator
-from ipaddress import IPv4Address
 from pathlib import Path
 
 from duravip.config.diagnostics import Diagnostic
 from duravip.config.model import MAX_DURAVIPS, Binding, Config, Listener, SourceLoc
 from duravip.config.structure import Locs
+from duravip.ipaddr import IPAddress
 
 Rule = Callable[[Config, Locs], Iterator[Diagnostic]]
 
@@ -31,10 +31,10 @@ def _warn(loc: SourceLoc | None, msg: str, hint: str | None = None) -> Diagnosti
 
 
 #: One-entry cache for :func:`_declared_at`; it holds the config, so its id stays valid.
-_DECLARED: list[tuple[Config, dict[IPv4Address, SourceLoc | None]]] = []
+_DECLARED: list[tuple[Config, dict[IPAddress, SourceLoc | None]]] = []
 
 
-def _declared_at(config: Config) -> dict[IPv4Address, SourceLoc | None]:
+def _declared_at(config: Config) -> dict[IPAddress, SourceLoc | None]:
     """For each DuraVIP, the first service (in file order) that makes it one."""
     if _DECLARED and _DECLARED[0][0] is config:
         return _DECLARED[0][1]
@@ -43,8 +43,8 @@ def _declared_at(config: Config) -> dict[IPv4Address, SourceLoc | None]:
     return out
 
 
-def _compute_declared(config: Config) -> dict[IPv4Address, SourceLoc | None]:
-    decl: list[tuple[tuple[int, int], IPv4Address, SourceLoc | None]] = []
+def _compute_declared(config: Config) -> dict[IPAddress, SourceLoc | None]:
+    decl: list[tuple[tuple[int, int], IPAddress, SourceLoc | None]] = []
     for lst in config.listeners:
         if lst.is_duravip:
             decl.append((_order(lst.loc), lst.address.host, lst.loc))
@@ -52,7 +52,7 @@ def _compute_declared(config: Config) -> dict[IPv4Address, SourceLoc | None]:
         if b.enable_duravip and b.bind_address is not None:
             decl.append((_order(b.loc), b.bind_address, b.loc))
     decl.sort(key=lambda d: d[0])
-    out: dict[IPv4Address, SourceLoc | None] = {}
+    out: dict[IPAddress, SourceLoc | None] = {}
     for _, ip, loc in decl:
         out.setdefault(ip, loc)
     return out
@@ -72,7 +72,7 @@ def check_identity(config: Config, locs: Locs) -> Iterator[Diagnostic]:
 
 def check_held_addresses(config: Config, locs: Locs) -> Iterator[Diagnostic]:
     """A DuraVIP must never be an address the node holds outside DuraVIP control."""
-    held: dict[IPv4Address, str] = {}
+    held: dict[IPAddress, str] = {}
     for lst in config.listeners:
         if not lst.is_duravip:
             held.setdefault(lst.address.host, f"the address of plain listener {lst.address}")
@@ -99,12 +99,13 @@ def check_topology(config: Config, locs: Locs) -> Iterator[Diagnostic]:
             yield _err(t.loc, f"Topology {t.network} given twice")
         seen.setdefault(t.network, i)
         mask_loc = locs.get(("topology", i, "cidrmask"), t.loc)
-        if not 0 <= t.cidrmask <= 32:
-            yield _err(mask_loc, f"cidrmask must be 0..32, got {t.cidrmask}")
-        elif t.cidrmask != 32:
+        full = t.network.max_prefixlen
+        if not 0 <= t.cidrmask <= full:
+            yield _err(mask_loc, f"cidrmask must be 0..{full}, got {t.cidrmask}")
+        elif t.cidrmask != full:
             yield _warn(
                 mask_loc,
-                f"cidrmask {t.cidrmask} in Topology {t.network}: DuraVIPs should be /32",
+                f"cidrmask {t.cidrmask} in Topology {t.network}: DuraVIPs should be /{full}",
                 "a shorter mask adds a subnet route that moves with the address",
             )
         if not t.interface:
@@ -132,7 +133,7 @@ def check_listeners(config: Config, locs: Locs) -> Iterator[Diagnostic]:
     by_name: dict[str, Binding] = {}
     for b in config.bindings:
         by_name.setdefault(b.name.lower(), b)
-    follow_at: dict[IPv4Address, tuple[str, SourceLoc | None]] = {}
+    follow_at: dict[IPAddress, tuple[str, SourceLoc | None]] = {}
     independent = {ip for ip, d in config.duravips.items() if d.binding is not None}
     for i, lst in enumerate(config.listeners):
         if lst.address in seen:
@@ -219,7 +220,7 @@ def check_listeners(config: Config, locs: Locs) -> Iterator[Diagnostic]:
 
 def check_bindings(config: Config, locs: Locs) -> Iterator[Diagnostic]:
     names: dict[str, SourceLoc | None] = {}
-    ips: dict[IPv4Address, str] = {}
+    ips: dict[IPAddress, str] = {}
     for i, b in enumerate(config.bindings):
         low = b.name.lower()
         if low.startswith("#"):

@@ -22,11 +22,13 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Network
 from pathlib import PurePath
 from typing import Any
 
 from attrs import frozen
+
+from duravip.ipaddr import IPAddress
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +169,7 @@ class Response:
 
 def _jsonable(o: object) -> Any:
     """Let handlers return addresses, paths and sets without converting them."""
-    if isinstance(o, IPv4Address | IPv4Network | PurePath):
+    if isinstance(o, IPAddress | IPv4Network | PurePath):
         return str(o)
     if isinstance(o, set | frozenset):
         return sorted(o, key=str)

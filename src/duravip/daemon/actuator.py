@@ -9,25 +9,26 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from ipaddress import IPv4Address
 from typing import Protocol
 
 import trio
 from attrs import frozen
 
+from duravip.ipaddr import IPAddress
+
 log = logging.getLogger("duravip.actuator")
 
 
 class Plumbing(Protocol):
-    async def ensure(self, ips: Iterable[IPv4Address]) -> frozenset[IPv4Address]: ...
+    async def ensure(self, ips: Iterable[IPAddress]) -> frozenset[IPAddress]: ...
 
-    async def remove(self, ips: Iterable[IPv4Address]) -> None: ...
+    async def remove(self, ips: Iterable[IPAddress]) -> None: ...
 
 
 class Listeners(Protocol):
-    async def start_ip(self, ip: IPv4Address) -> None: ...
+    async def start_ip(self, ip: IPAddress) -> None: ...
 
-    async def stop_ip(self, ip: IPv4Address, drain_timeout: float) -> None: ...
+    async def stop_ip(self, ip: IPAddress, drain_timeout: float) -> None: ...
 
 
 @frozen
@@ -44,10 +45,10 @@ class NodeActuator:
     def __init__(self, ctx: ActuatorContext) -> None:
         self.ctx = ctx
 
-    async def acquire(self, ips: frozenset[IPv4Address]) -> frozenset[IPv4Address]:
+    async def acquire(self, ips: frozenset[IPAddress]) -> frozenset[IPAddress]:
         plumbing, listeners = self.ctx.plumbing, self.ctx.listeners
         present = await plumbing.ensure(ips)
-        started: set[IPv4Address] = set()
+        started: set[IPAddress] = set()
         for ip in sorted(present):
             try:
                 await listeners.start_ip(ip)
@@ -63,7 +64,7 @@ class NodeActuator:
             log.info("acquired", extra={"fields": {"count": len(started), "ips": _short(started)}})
         return frozenset(started)
 
-    async def release(self, ips: frozenset[IPv4Address]) -> None:
+    async def release(self, ips: frozenset[IPAddress]) -> None:
         drain = self.ctx.drain_timeout()
         async with trio.open_nursery() as n:
             for ip in ips:
@@ -72,7 +73,7 @@ class NodeActuator:
         log.info("released", extra={"fields": {"count": len(ips), "ips": _short(ips)}})
 
 
-def _short(ips: frozenset[IPv4Address] | set[IPv4Address], limit: int = 8) -> str:
+def _short(ips: frozenset[IPAddress] | set[IPAddress], limit: int = 8) -> str:
     s = sorted(ips)
     text = ",".join(map(str, s[:limit]))
     return text + (f",+{len(s) - limit}" if len(s) > limit else "")

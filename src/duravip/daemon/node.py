@@ -30,7 +30,6 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from functools import partial
-from ipaddress import IPv4Address
 from pathlib import Path
 
 import trio
@@ -63,6 +62,7 @@ from duravip.election.picture import (
 )
 from duravip.election.quorum import LIVE_STATES
 from duravip.election.resolver import serve as serve_resolver
+from duravip.ipaddr import IPAddress
 from duravip.mail.service import serve as serve_mail
 from duravip.plumbing.base import Plumber
 from duravip.plumbing.netlink import open_netlink_plumber
@@ -208,7 +208,7 @@ class Node:
                 # A DuraVIP listener that stops for good makes this node withdraw
                 # its IP. Listeners start before the resolver, so failures queue
                 # here until _withdraw_failed_listeners runs (once Services exist).
-                failed_send, failed_recv = trio.open_memory_channel[IPv4Address](math.inf)
+                failed_send, failed_recv = trio.open_memory_channel[IPAddress](math.inf)
                 listeners = await nursery.start(
                     partial(
                         serve_listeners,
@@ -307,7 +307,7 @@ class Node:
                     await plumbing.remove(left)
 
     @staticmethod
-    def forbidden_ips(c: Config) -> frozenset[IPv4Address]:
+    def forbidden_ips(c: Config) -> frozenset[IPAddress]:
         """Addresses the node holds outside DuraVIP control: never plumbed, never removed."""
         ips = {c.cluster.gossip_address.host}
         if c.cluster_listener is not None:
@@ -317,10 +317,10 @@ class Node:
 
     # --------------------------------------------------------- membership
 
-    def local_view(self, *, mature: bool, held: frozenset[IPv4Address]) -> NodeView:
+    def local_view(self, *, mature: bool, held: frozenset[IPAddress]) -> NodeView:
         return build_view(self.config, version=0, mature=mature, held=held)
 
-    def _adapt(self, m: Membership, held: frozenset[IPv4Address]) -> None:
+    def _adapt(self, m: Membership, held: frozenset[IPAddress]) -> None:
         """Apply one SWIM snapshot: new picture, counters, re-announce request."""
         up = self._tracker.update(m.members, held)
         for d in up.dropped:
@@ -359,7 +359,7 @@ class Node:
             self._route_mail(s)
 
     async def _withdraw_failed_listeners(
-        self, failed: trio.MemoryReceiveChannel[IPv4Address], s: Services
+        self, failed: trio.MemoryReceiveChannel[IPAddress], s: Services
     ) -> None:
         """A listener that stopped for good: stop announcing its IP so a peer serves it.
 

@@ -16,7 +16,6 @@ import os
 import time
 from collections.abc import Callable, Collection, Sequence
 from functools import partial
-from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from duravip.election.picture import handed_off
 from duravip.election.resolver import ResolverService
 from duravip.health.runner import HealthContext, HealthService
 from duravip.health.runner import serve as serve_health
+from duravip.ipaddr import IPAddress
 from duravip.mail.router import MMOVE
 from duravip.mail.service import MailService
 from duravip.plumbing.base import Plumber
@@ -99,7 +99,7 @@ class Operator:
         self._healthy = True
         self.reason: str | None = None
         #: What this node held when drained: ``--wait`` waits for peers to hold it.
-        self._drained_ips: frozenset[IPv4Address] = frozenset()
+        self._drained_ips: frozenset[IPAddress] = frozenset()
 
     def _spool(self) -> Path:
         return self.ctx.state.config.spool.path

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from ipaddress import IPv4Address
 from pathlib import Path
 
 import attrs
@@ -23,6 +22,7 @@ from duravip.config import Config
 from duravip.election.picture import ClusterSnapshot
 from duravip.election.resolver import ResolverService
 from duravip.election.rule import Decision
+from duravip.ipaddr import IPAddress
 from duravip.mail.service import MailService
 from duravip.plumbing.worker import PlumbingWorker
 from duravip.smtp.listeners import ListenerManager
@@ -60,8 +60,8 @@ class NodeState:
     views_dropped: int = 0
     #: The resolver's latest decisions and held set, mirrored for the console
     #: (empty before the resolver runs: nothing is decided or held then).
-    decisions: Mapping[IPv4Address, Decision] = attrs.Factory(dict)
-    held: frozenset[IPv4Address] = frozenset()
+    decisions: Mapping[IPAddress, Decision] = attrs.Factory(dict)
+    held: frozenset[IPAddress] = frozenset()
 
     @property
     def name(self) -> str:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping
-from ipaddress import IPv4Address
 
 from attrs import frozen
 
 from duravip.election.view import VipClaim
+from duravip.ipaddr import IPAddress
 
 __all__ = ["BROKEN", "CONFLICT", "NO_STATES", "UNSAFE", "Info", "combine", "derived"]
 
@@ -74,7 +74,7 @@ class _Derived:
 
     __slots__ = ("claims", "ints", "ipobjs", "packed", "vips")
 
-    def __init__(self, vips: Mapping[IPv4Address, VipClaim]) -> None:
+    def __init__(self, vips: Mapping[IPAddress, VipClaim]) -> None:
         self.vips = vips  # keeps id(vips) valid while cached
         self.ipobjs = sorted(vips)
         self.ints = [int(ip) for ip in self.ipobjs]
@@ -85,7 +85,7 @@ class _Derived:
 _DERIVED: OrderedDict[int, _Derived] = OrderedDict()
 
 
-def derived(vips: Mapping[IPv4Address, VipClaim]) -> _Derived:
+def derived(vips: Mapping[IPAddress, VipClaim]) -> _Derived:
     d = _DERIVED.get(id(vips))
     if d is not None and d.vips is vips:
         _DERIVED.move_to_end(id(vips))

@@ -10,32 +10,32 @@ non-owner releases, the owner keeps it.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from ipaddress import IPv4Address
 
 from attrs import Factory, frozen
 
 from duravip.election.quorum import LIVE_STATES
 from duravip.election.rule import Decision
 from duravip.election.view import NodeView
+from duravip.ipaddr import IPAddress
 
 __all__ = ["Plan", "plan"]
 
 
 @frozen
 class Plan:
-    acquire: frozenset[IPv4Address]
-    release: frozenset[IPv4Address]
+    acquire: frozenset[IPAddress]
+    release: frozenset[IPAddress]
     #: Owned here but still held by a live node: IP -> that holder.
-    waiting: Mapping[IPv4Address, str] = Factory(dict)
+    waiting: Mapping[IPAddress, str] = Factory(dict)
     #: Acquired from a dead or left holder: IP -> that holder (a failover).
-    from_dead: Mapping[IPv4Address, str] = Factory(dict)
+    from_dead: Mapping[IPAddress, str] = Factory(dict)
 
 
 def plan(
     *,
     local: str,
-    decisions: Mapping[IPv4Address, Decision],
-    held: frozenset[IPv4Address],
+    decisions: Mapping[IPAddress, Decision],
+    held: frozenset[IPAddress],
     views: Mapping[str, NodeView],
     states: Mapping[str, str],
 ) -> Plan:
@@ -43,8 +43,8 @@ def plan(
     should = frozenset(ip for ip, d in decisions.items() if d.owner == local)
     release = held - should
     want = should - held
-    waiting: dict[IPv4Address, str] = {}
-    from_dead: dict[IPv4Address, str] = {}
+    waiting: dict[IPAddress, str] = {}
+    from_dead: dict[IPAddress, str] = {}
     if want:
         for node in sorted(views):
             if node == local:

@@ -21,7 +21,6 @@ routing, the console and the re-announce loop ask of one snapshot.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from ipaddress import IPv4Address
 
 import attrs
 from attrs import frozen
@@ -30,6 +29,7 @@ from duravip.config import HostPort
 from duravip.election.quorum import LIVE_STATES
 from duravip.election.rule import Decision
 from duravip.election.view import NodeView, decode
+from duravip.ipaddr import IPAddress
 from duravip.swim.members import Member, State
 
 __all__ = [
@@ -95,7 +95,7 @@ class ViewTracker:
         self._prev_views: dict[str, NodeView] = {}
 
     def update(
-        self, members: Mapping[str, Member], held: frozenset[IPv4Address]
+        self, members: Mapping[str, Member], held: frozenset[IPAddress]
     ) -> PictureUpdate:
         """Feed one snapshot; ``held`` is what this node holds right now."""
         states: dict[str, State] = {}
@@ -147,9 +147,9 @@ class ViewTracker:
         )
 
 
-def holders_by_ip(snap: ClusterSnapshot) -> dict[IPv4Address, list[str]]:
+def holders_by_ip(snap: ClusterSnapshot) -> dict[IPAddress, list[str]]:
     """IP -> the live nodes whose view says they hold it, sorted by name."""
-    out: dict[IPv4Address, list[str]] = {}
+    out: dict[IPAddress, list[str]] = {}
     for name in sorted(snap.views):
         if snap.states.get(name) in LIVE_STATES:
             for ip in snap.views[name].held:
@@ -159,8 +159,8 @@ def holders_by_ip(snap: ClusterSnapshot) -> dict[IPv4Address, list[str]]:
 
 def binding_holders(
     snap: ClusterSnapshot,
-    decisions: Mapping[IPv4Address, Decision],
-    bindings: Mapping[str, IPv4Address],
+    decisions: Mapping[IPAddress, Decision],
+    bindings: Mapping[str, IPAddress],
 ) -> dict[str, str | None]:
     """Binding name -> the node whose mail leaves from its IP now.
 
@@ -188,9 +188,9 @@ def mmove_peers(snap: ClusterSnapshot) -> dict[str, HostPort]:
 
 def reannounce_targets(
     snap: ClusterSnapshot,
-    decisions: Mapping[IPv4Address, Decision],
-    held: frozenset[IPv4Address],
-) -> list[IPv4Address]:
+    decisions: Mapping[IPAddress, Decision],
+    held: frozenset[IPAddress],
+) -> list[IPAddress]:
     """The held IPs to announce again: owned here and claimed by no other live node.
 
     Announcing a contested IP would pull clients to a holder that may be
@@ -205,7 +205,7 @@ def reannounce_targets(
     )
 
 
-def handed_off(snap: ClusterSnapshot, released: frozenset[IPv4Address]) -> bool:
+def handed_off(snap: ClusterSnapshot, released: frozenset[IPAddress]) -> bool:
     """True once every IP in ``released`` is held by another live node, or by nobody able to.
 
     A graceful stop waits for this before moving queues: mail follows the

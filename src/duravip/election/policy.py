@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Mapping
-from ipaddress import IPv4Address
 
 import attrs
 from attrs import frozen
@@ -33,6 +32,7 @@ from duravip.election.preempt import apply_preemption
 from duravip.election.quorum import LIVE_STATES, StableMembership, apply_quorum
 from duravip.election.rule import Decision, Resolver, resolve
 from duravip.election.view import NodeView, Override, build_view
+from duravip.ipaddr import IPAddress
 from duravip.swim.members import State
 
 __all__ = ["BACKOFF_MAX", "BACKOFF_MIN", "Action", "ResolverPolicy", "ResolverStats", "Takeover"]
@@ -45,7 +45,7 @@ BACKOFF_MAX = 5.0
 class Takeover:
     """One acquisition, for metrics and the console."""
 
-    ip: IPv4Address
+    ip: IPAddress
     #: The driver's clock (``trio.current_time()``) when ``acquire`` returned.
     at: float
     #: The dead or left holder we took it from, None if it was free.
@@ -69,12 +69,12 @@ class Action:
     """One round of actuator calls: release first, then (if nothing was released) acquire."""
 
     #: Everything to release: IPs owned elsewhere now plus stray uncertain ones.
-    release: frozenset[IPv4Address]
+    release: frozenset[IPAddress]
     #: The owned-elsewhere part of ``release`` (what counts as a move out).
-    moves_out: frozenset[IPv4Address]
-    acquire: frozenset[IPv4Address]
+    moves_out: frozenset[IPAddress]
+    acquire: frozenset[IPAddress]
     #: IP -> the dead or left holder it is taken from (a failover).
-    from_dead: Mapping[IPv4Address, str]
+    from_dead: Mapping[IPAddress, str]
 
 
 class ResolverPolicy:
@@ -84,8 +84,8 @@ class ResolverPolicy:
         """``now``: the driver's clock; ``wall``: ``time.time()`` (announced in the view)."""
         self.local = config.cluster.node_name
         self.stats = ResolverStats()
-        self.held: frozenset[IPv4Address] = frozenset()
-        self.decisions: Mapping[IPv4Address, Decision] = {}
+        self.held: frozenset[IPAddress] = frozenset()
+        self.decisions: Mapping[IPAddress, Decision] = {}
         self._config = config
         self._started = now
         self._mature_at = now + mature_after
@@ -95,14 +95,14 @@ class ResolverPolicy:
             config, version=0, mature=False, config_stable_since=wall, booted_at=wall
         )
         self._version = 0
-        self._overrides: dict[IPv4Address, Override] = {}
+        self._overrides: dict[IPAddress, Override] = {}
         #: IPs this node cannot serve (a listener stopped for good): not announced.
-        self._withdrawn: set[IPv4Address] = set()
+        self._withdrawn: set[IPAddress] = set()
         #: IPs whose acquire failed: maybe partly plumbed, released if not ours.
-        self._uncertain: frozenset[IPv4Address] = frozenset()
+        self._uncertain: frozenset[IPAddress] = frozenset()
         #: IPs being acquired right now: announced as held *before* acquire()
         #: so a peer that matures meanwhile waits instead of plumbing too.
-        self._claiming: frozenset[IPv4Address] = frozenset()
+        self._claiming: frozenset[IPAddress] = frozenset()
         self._resolver = Resolver()
         self._stable = StableMembership(self.local, config.cluster.view_mature_time)
         self._stopping = False
@@ -119,10 +119,10 @@ class ResolverPolicy:
         #: Why this node is no candidate (drained, unhealthy), None: it may be one.
         self._ineligible: str | None = None
         #: IPs never taken from a live holder (preempt = false), and per-IP delays.
-        self._never_preempt: frozenset[IPv4Address] = frozenset()
-        self._preempt_delay: dict[IPv4Address, float] = {}
+        self._never_preempt: frozenset[IPAddress] = frozenset()
+        self._preempt_delay: dict[IPAddress, float] = {}
         #: Delayed yields in force: IP -> driver time they end.
-        self._yield_until: dict[IPv4Address, float] = {}
+        self._yield_until: dict[IPAddress, float] = {}
         self._load_preempt(config)
         if self.candidate:
             self._became_candidate(now)
@@ -152,9 +152,9 @@ class ResolverPolicy:
     def candidate(self) -> bool:
         return self._mature and not self._stopping and self._ineligible is None
 
-    def failback_pending(self) -> dict[IPv4Address, float | None]:
+    def failback_pending(self) -> dict[IPAddress, float | None]:
         """IPs this node yields now -> wall time the yield ends (None: preempt = false)."""
-        out: dict[IPv4Address, float | None] = dict.fromkeys(self._never_preempt)
+        out: dict[IPAddress, float | None] = dict.fromkeys(self._never_preempt)
         for ip, until in self._yield_until.items():
             out.setdefault(ip, self._wall(until))
         return out
@@ -190,8 +190,8 @@ class ResolverPolicy:
 
     def _load_preempt(self, config: Config) -> None:
         """Per IP: the binding's ``preempt``/``preempt_delay``, else the cluster's."""
-        never: set[IPv4Address] = set()
-        delays: dict[IPv4Address, float] = {}
+        never: set[IPAddress] = set()
+        delays: dict[IPAddress, float] = {}
         c = config.cluster
         for ip, d in config.duravips.items():
             name = d.binding or d.follows
@@ -232,7 +232,7 @@ class ResolverPolicy:
 
     # ------------------------------------------------------------ commands
 
-    def request_move(self, ip: IPv4Address, node: str) -> None:
+    def request_move(self, ip: IPAddress, node: str) -> None:
         """Admin move: an override in our view, above every seq seen for ``ip``."""
         seqs = [v.overrides[ip].seq for v in self._last_views.values() if ip in v.overrides]
         if ip in self._overrides:
@@ -246,7 +246,7 @@ class ResolverPolicy:
         self._withdrawn.clear()
         self._republish()
 
-    def withdraw(self, ip: IPv4Address) -> None:
+    def withdraw(self, ip: IPAddress) -> None:
         """Stop announcing ``ip``: this node cannot serve it (its listener stopped for good).
 
         No longer a candidate, the node loses ownership and the next action
@@ -294,7 +294,7 @@ class ResolverPolicy:
         future = [t for t in times if t > now]
         return min(future, default=math.inf)
 
-    def observe(self, now: float, snap: ClusterSnapshot) -> Mapping[IPv4Address, Decision]:
+    def observe(self, now: float, snap: ClusterSnapshot) -> Mapping[IPAddress, Decision]:
         """Recompute the election for ``snap`` (maturity, overrides, quorum applied)."""
         if now >= self._defer_until:
             self._defer_until = math.inf
@@ -327,7 +327,7 @@ class ResolverPolicy:
         views[self.local] = self._view
         self._last_views = views
         self._last_states = states
-        decisions: Mapping[IPv4Address, Decision] = self._resolver.update(views, alive)
+        decisions: Mapping[IPAddress, Decision] = self._resolver.update(views, alive)
         decisions = apply_preemption(decisions, views, alive)
         self.stats.elections += 1
         self._stable.observe(now, states)
@@ -363,10 +363,10 @@ class ResolverPolicy:
     def _defer_for_newcomers(
         self,
         now: float,
-        free: frozenset[IPv4Address],
+        free: frozenset[IPAddress],
         views: Mapping[str, NodeView],
         states: Mapping[str, State],
-    ) -> frozenset[IPv4Address]:
+    ) -> frozenset[IPAddress]:
         """Free IPs a live node that is still maturing will own: leave them to it.
 
         Without this, the first node to mature after a cold start plumbs every
@@ -405,12 +405,12 @@ class ResolverPolicy:
         self.held = self.held - action.release
         self._republish()
 
-    def claim(self, ips: frozenset[IPv4Address]) -> None:
+    def claim(self, ips: frozenset[IPAddress]) -> None:
         """About to acquire ``ips``: announce them as held first."""
         self._claiming = ips
         self._republish()
 
-    def acquire_failed(self, ips: frozenset[IPv4Address]) -> None:
+    def acquire_failed(self, ips: frozenset[IPAddress]) -> None:
         """``acquire`` raised: the IPs may be partly plumbed (released later if not ours).
 
         Call :meth:`failed` too: the next attempt waits for the back-off.
@@ -420,8 +420,8 @@ class ResolverPolicy:
         self._republish()
 
     def acquired(
-        self, now: float, action: Action, got: frozenset[IPv4Address]
-    ) -> frozenset[IPv4Address]:
+        self, now: float, action: Action, got: frozenset[IPAddress]
+    ) -> frozenset[IPAddress]:
         """``acquire`` returned ``got`` at ``now``; returns what it missed.
 
         Anything missed stays uncertain: call :meth:`failed` to back off
@@ -461,14 +461,14 @@ class ResolverPolicy:
         self._stopping = True
         self._republish()
 
-    def to_release_on_stop(self) -> frozenset[IPv4Address]:
+    def to_release_on_stop(self) -> frozenset[IPAddress]:
         return self.held | self._uncertain
 
     def stop_release_failed(self) -> None:
         """One shutdown release attempt failed (counted; the driver retries a few times)."""
         self.stats.actuator_failures += 1
 
-    def stopped(self, released: frozenset[IPv4Address], left: frozenset[IPv4Address]) -> None:
+    def stopped(self, released: frozenset[IPAddress], left: frozenset[IPAddress]) -> None:
         """The shutdown release is over: ``released`` went, ``left`` could not be released."""
         self.stats.moves_out += len(self.held & released)
         self._uncertain = frozenset()

@@ -12,21 +12,21 @@ leaves, drains or fails a health check is no candidate, so the IP moves.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from ipaddress import IPv4Address
 
 import attrs
 
 from duravip.election.rule import Decision
 from duravip.election.view import NodeView
+from duravip.ipaddr import IPAddress
 
 __all__ = ["apply_preemption"]
 
 
 def apply_preemption(
-    decisions: Mapping[IPv4Address, Decision],
+    decisions: Mapping[IPAddress, Decision],
     views: Mapping[str, NodeView],
     alive: Collection[str],
-) -> Mapping[IPv4Address, Decision]:
+) -> Mapping[IPAddress, Decision]:
     """``decisions`` with every yielded IP left on its current live holder.
 
     Returns ``decisions`` itself when nothing changes (no node yields: one
@@ -41,15 +41,15 @@ def apply_preemption(
     if not yielding:
         return decisions
     #: IP -> the first (by name) alive node announcing it as held.
-    held_by: dict[IPv4Address, str] = {}
+    held_by: dict[IPAddress, str] = {}
     for member in sorted(alive, reverse=True):
         v = views.get(member)
         if v is not None and v.node == member:
             held_by.update(dict.fromkeys(v.held, member))
-    out: dict[IPv4Address, Decision] | None = None
+    out: dict[IPAddress, Decision] | None = None
     made: dict[tuple[int, str], Decision] = {}
     by_node = dict(yielding)
-    for ip, d in decisions.items():  # one pass: IPv4Address hashing is the cost here
+    for ip, d in decisions.items():  # one pass: IPAddress hashing is the cost here
         name = d.owner
         if name is None or name not in by_node or d.override is not None or d.follows is not None:
             continue

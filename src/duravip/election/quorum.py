@@ -12,11 +12,11 @@ restarts). A node has quorum when it sees a strict majority of S alive.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from ipaddress import IPv4Address
 
 import attrs
 
 from duravip.election.rule import Decision
+from duravip.ipaddr import IPAddress
 from duravip.swim.members import State
 
 __all__ = ["LIVE_STATES", "StableMembership", "apply_quorum", "has_quorum"]
@@ -69,12 +69,12 @@ def has_quorum(alive: Collection[str], stable_members: Collection[str]) -> bool:
 
 
 def apply_quorum(
-    decisions: Mapping[IPv4Address, Decision],
+    decisions: Mapping[IPAddress, Decision],
     *,
     local: str,
     alive: Collection[str],
     stable_members: Collection[str],
-) -> Mapping[IPv4Address, Decision]:
+) -> Mapping[IPAddress, Decision]:
     """``decisions`` as seen by ``local``: every owner None without quorum."""
     live = set(alive) | {local}
     if has_quorum(live, stable_members):

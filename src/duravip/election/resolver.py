@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from ipaddress import IPv4Address
 from typing import Protocol
 
 import trio
@@ -30,6 +29,7 @@ from duravip.election.policy import (
 )
 from duravip.election.rule import Decision
 from duravip.election.view import NodeView
+from duravip.ipaddr import IPAddress
 
 __all__ = [
     "Actuator",
@@ -43,11 +43,11 @@ log = logging.getLogger("duravip.election")
 
 
 class Actuator(Protocol):
-    async def acquire(self, ips: frozenset[IPv4Address]) -> frozenset[IPv4Address]:
+    async def acquire(self, ips: frozenset[IPAddress]) -> frozenset[IPAddress]:
         """Plumb, start listeners, GARP; return what was really acquired."""
         ...
 
-    async def release(self, ips: frozenset[IPv4Address]) -> None:
+    async def release(self, ips: frozenset[IPAddress]) -> None:
         """Stop listeners (drain), then unplumb."""
         ...
 
@@ -70,8 +70,8 @@ class ResolverService:
         self.policy = ResolverPolicy(
             config=config, now=trio.current_time(), wall=time.time(), mature_after=mature_after
         )
-        self.decisions: AsyncValue[Mapping[IPv4Address, Decision]] = AsyncValue({})
-        self.held: AsyncValue[frozenset[IPv4Address]] = AsyncValue(frozenset())
+        self.decisions: AsyncValue[Mapping[IPAddress, Decision]] = AsyncValue({})
+        self.held: AsyncValue[frozenset[IPAddress]] = AsyncValue(frozenset())
         self.local = self.policy.local
         self._actuator = actuator
         self._publish = publish_view
@@ -79,7 +79,7 @@ class ResolverService:
         self._wake = trio.Event()
         #: Called in order with ("acquire" | "release", ip) as the held set changes
         #: (the notify hooks; must not block).
-        self.on_held_change: list[Callable[[str, IPv4Address], None]] = []
+        self.on_held_change: list[Callable[[str, IPAddress], None]] = []
         #: Called with the new config after a reload (health checks follow it).
         self.on_config: list[Callable[[Config], None]] = []
 
@@ -111,7 +111,7 @@ class ResolverService:
 
     # ------------------------------------------------------------ commands
 
-    def request_move(self, ip: IPv4Address, node: str) -> None:
+    def request_move(self, ip: IPAddress, node: str) -> None:
         """Admin move: an override in our view, above every seq seen for ``ip``."""
         self.policy.request_move(ip, node)
         self._flush()
@@ -123,7 +123,7 @@ class ResolverService:
         self._flush()
         self._wake.set()
 
-    def withdraw(self, ip: IPv4Address) -> None:
+    def withdraw(self, ip: IPAddress) -> None:
         """This node cannot serve ``ip`` any more (e.g. its listener stopped for good).
 
         Wiring point for ``smtp.listeners``' ``on_listener_failed``: the IP is
@@ -153,7 +153,7 @@ class ResolverService:
         self._flush()
         async with self._lock:
             todo = self.policy.to_release_on_stop()
-            released: frozenset[IPv4Address] = frozenset()
+            released: frozenset[IPAddress] = frozenset()
             for attempt in range(3):
                 if not todo:
                     break
@@ -236,7 +236,7 @@ class ResolverService:
                 return
         policy.succeeded()
 
-    def _failed(self, ips: frozenset[IPv4Address]) -> None:
+    def _failed(self, ips: frozenset[IPAddress]) -> None:
         delay = self.policy.failed(trio.current_time())
         log.info("retrying %d IP(s) in %.1fs", len(ips), delay)
 

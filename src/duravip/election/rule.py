@@ -16,7 +16,7 @@ resolver (a full computation).
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
-from ipaddress import AddressValueError, IPv4Address
+from ipaddress import ip_address
 from itertools import repeat
 
 import attrs
@@ -25,6 +25,7 @@ from attrs import frozen
 
 from duravip.election.claims import BROKEN, CONFLICT, NO_STATES, Info, combine, derived
 from duravip.election.view import NodeView, Override, VipClaim
+from duravip.ipaddr import IPAddress
 
 __all__ = ["Decision", "Resolver", "node_seed", "resolve", "score"]
 
@@ -44,7 +45,7 @@ class Decision:
     #: The (non-conflicting) preferred node, whether or not it is a candidate.
     preferred: str | None = None
     #: For a ``Duravip_Follow`` listener IP: the followed binding's IP.
-    follows: IPv4Address | None = None
+    follows: IPAddress | None = None
     #: The admin-move target, when an override is in force for this IP.
     override: str | None = None
     #: The candidate the rule would pick but that leaves the IP with its live
@@ -60,7 +61,7 @@ def node_seed(node: str) -> int:
     return _h(node.encode())
 
 
-def score(ip: IPv4Address, node: str) -> int:
+def score(ip: IPAddress, node: str) -> int:
     """Rendezvous score of ``node`` for ``ip`` (for ``explain``)."""
     return _h(ip.packed, node_seed(node))
 
@@ -76,34 +77,34 @@ class Resolver:
 
     def __init__(self) -> None:
         self._groups_key: frozenset[int] = frozenset()
-        self._groups: dict[int, Mapping[IPv4Address, VipClaim]] = {}
+        self._groups: dict[int, Mapping[IPAddress, VipClaim]] = {}
         self._info: dict[int, Info] = {}
         self._sig: dict[int, tuple[int, ...]] = {}
         self._ips_by_sig: dict[tuple[int, ...], list[int]] = {}
         self._followers: dict[int, list[int]] = {}
         self._cands_by_sig: dict[tuple[int, ...], tuple[str, ...]] = {}
-        self._ipobj: dict[int, IPv4Address] = {}
+        self._ipobj: dict[int, IPAddress] = {}
         self._packed: dict[int, bytes] = {}
         self._win: dict[int, tuple[int, str]] = {}
         #: Candidates ``_win`` was computed over, per IP (shared tuples).
         self._ip_cands: dict[int, tuple[str, ...]] = {}
         self._overrides: dict[int, tuple[str, int, str]] = {}
         self._dec: dict[int, Decision] = {}
-        self._out: dict[IPv4Address, Decision] = {}
+        self._out: dict[IPAddress, Decision] = {}
         #: IPs fully re-scored so far (for tests and the benchmark).
         self.rescored = 0
 
     @property
-    def decisions(self) -> Mapping[IPv4Address, Decision]:
+    def decisions(self) -> Mapping[IPAddress, Decision]:
         return self._out
 
     # ------------------------------------------------------------ layer A
 
-    def _rebuild_claims(self, groups: dict[int, Mapping[IPv4Address, VipClaim]]) -> None:
+    def _rebuild_claims(self, groups: dict[int, Mapping[IPAddress, VipClaim]]) -> None:
         info: dict[int, Info] = {}
         sigs: dict[int, tuple[int, ...]] = {}
         by_sig: dict[tuple[int, ...], list[int]] = {}
-        ipobj: dict[int, IPv4Address] = {}
+        ipobj: dict[int, IPAddress] = {}
         packed: dict[int, bytes] = {}
         cache: dict[tuple[int, ...], Info] = {}
         ders = [(gid, derived(groups[gid])) for gid in sorted(groups)]
@@ -162,8 +163,8 @@ class Resolver:
             target = binding_ip.get(inf.follow_name.lower())
             if target is None:
                 try:
-                    target = int(IPv4Address(inf.follow_name))
-                except AddressValueError:
+                    target = int(ip_address(inf.follow_name))
+                except ValueError:
                     target = None
             if target is None or target == n or target not in info:
                 continue
@@ -331,7 +332,7 @@ class Resolver:
 
     def update(
         self, views: Mapping[str, NodeView], alive: Collection[str]
-    ) -> Mapping[IPv4Address, Decision]:
+    ) -> Mapping[IPAddress, Decision]:
         """Recompute for a new input; returns every decision.
 
         The returned mapping is this resolver's own: the next call updates it
@@ -437,16 +438,16 @@ class Resolver:
 
 def resolve(
     views: Mapping[str, NodeView], alive: Collection[str]
-) -> Mapping[IPv4Address, Decision]:
+) -> Mapping[IPAddress, Decision]:
     """Decide every announced IP (see the module docstring for the rule)."""
     return dict(Resolver().update(views, alive))
 
 
 def effective_overrides(
     views: Mapping[str, NodeView], alive: Collection[str]
-) -> dict[IPv4Address, Override]:
+) -> dict[IPAddress, Override]:
     """The winning override per IP among alive views (highest seq, then node)."""
-    best: dict[IPv4Address, tuple[int, str, Override]] = {}
+    best: dict[IPAddress, tuple[int, str, Override]] = {}
     for n, v in views.items():
         if n not in alive:
             continue

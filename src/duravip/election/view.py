@@ -19,13 +19,14 @@ import zlib
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from ipaddress import IPv4Address
+from ipaddress import ip_address
 from types import MappingProxyType
 
 import xxhash
 from attrs import Factory, frozen
 
 from duravip.config import Config, HostPort
+from duravip.ipaddr import IPAddress
 
 __all__ = [
     "NodeView",
@@ -78,10 +79,10 @@ class NodeView:
     node: str
     version: int
     mature: bool
-    held: frozenset[IPv4Address]
-    vips: Mapping[IPv4Address, VipClaim]
+    held: frozenset[IPAddress]
+    vips: Mapping[IPAddress, VipClaim]
     mmove_addr: HostPort | None = None
-    overrides: Mapping[IPv4Address, Override] = Factory(dict)
+    overrides: Mapping[IPAddress, Override] = Factory(dict)
     #: Wall-clock time (``time.time()``) the node loaded its current config.
     config_stable_since: float = 0.0
     #: Wall-clock time the node's daemon started.
@@ -90,7 +91,7 @@ class NodeView:
     #: empty when it is one or only immature. For the console of every node.
     status: str = ""
     #: IPs this candidate does not take from a live holder now (``preempt``).
-    yields: frozenset[IPv4Address] = frozenset()
+    yields: frozenset[IPAddress] = frozenset()
     #: Wall-clock time its delayed yields end (0: none pending).
     failback_at: float = 0.0
 
@@ -98,12 +99,12 @@ class NodeView:
 # ---------------------------------------------------------------- building
 
 
-_VIPS_CACHE: OrderedDict[bytes, Mapping[IPv4Address, VipClaim]] = OrderedDict()
+_VIPS_CACHE: OrderedDict[bytes, Mapping[IPAddress, VipClaim]] = OrderedDict()
 
 
 def _intern_vips(
-    section: bytes, make: Mapping[IPv4Address, VipClaim] | None
-) -> Mapping[IPv4Address, VipClaim] | None:
+    section: bytes, make: Mapping[IPAddress, VipClaim] | None
+) -> Mapping[IPAddress, VipClaim] | None:
     """Return the shared mapping for this vips section (or store ``make``)."""
     key = xxhash.xxh3_128_digest(section)
     hit = _VIPS_CACHE.get(key)
@@ -118,7 +119,7 @@ def _intern_vips(
     return make
 
 
-def intern_vips(vips: Mapping[IPv4Address, VipClaim]) -> Mapping[IPv4Address, VipClaim]:
+def intern_vips(vips: Mapping[IPAddress, VipClaim]) -> Mapping[IPAddress, VipClaim]:
     """The shared mapping object equal to ``vips`` (so views can share it).
 
     Equal claims inside the result are one object, as after :func:`decode`.
@@ -136,8 +137,8 @@ def build_view(
     *,
     version: int,
     mature: bool,
-    held: Iterable[IPv4Address] = (),
-    overrides: Mapping[IPv4Address, Override] | None = None,
+    held: Iterable[IPAddress] = (),
+    overrides: Mapping[IPAddress, Override] | None = None,
     config_stable_since: float = 0.0,
     booted_at: float = 0.0,
 ) -> NodeView:
@@ -174,7 +175,7 @@ def _u32_array(values: Iterable[int]) -> bytes:
     return arr.tobytes()
 
 
-def _deltas(ips: Iterable[IPv4Address]) -> list[int]:
+def _deltas(ips: Iterable[IPAddress]) -> list[int]:
     out: list[int] = []
     prev = 0
     for n in sorted(int(ip) for ip in ips):
@@ -191,7 +192,7 @@ def _put_str(out: list[bytes], s: str) -> None:
     out.append(raw)
 
 
-def _encode_vips(vips: Mapping[IPv4Address, VipClaim]) -> bytes:
+def _encode_vips(vips: Mapping[IPAddress, VipClaim]) -> bytes:
     strings: dict[str, int] = {}
     claims: dict[VipClaim, int] = {}
 
@@ -304,8 +305,8 @@ class _Reader:
         return arr.tolist()
 
 
-def _undelta(deltas: list[int]) -> list[IPv4Address]:
-    out: list[IPv4Address] = []
+def _undelta(deltas: list[int]) -> list[IPAddress]:
+    out: list[IPAddress] = []
     cur = 0
     for i, d in enumerate(deltas):
         if i > 0 and d == 0:
@@ -313,11 +314,11 @@ def _undelta(deltas: list[int]) -> list[IPv4Address]:
         cur += d
         if cur > 0xFFFFFFFF:
             raise ViewDecodeError("IP out of range")
-        out.append(IPv4Address(cur))
+        out.append(ip_address(cur))
     return out
 
 
-def _decode_vips(r: _Reader) -> Mapping[IPv4Address, VipClaim]:
+def _decode_vips(r: _Reader) -> Mapping[IPAddress, VipClaim]:
     nstrings = r.u32()
     if nstrings > len(r.data):
         raise ViewDecodeError("string table too large")
@@ -368,9 +369,9 @@ def decode(data: bytes) -> NodeView:
     mmove: HostPort | None = None
     if flags & 2:
         host, port = (int(x) for x in r.unpack("<IH"))
-        mmove = HostPort(IPv4Address(host), port)
+        mmove = HostPort(ip_address(host), port)
     stable_since, booted_at = (float(x) for x in r.unpack("<dd"))
-    status, failback_at, yields = "", 0.0, frozenset[IPv4Address]()
+    status, failback_at, yields = "", 0.0, frozenset[IPAddress]()
     if flags & 4:
         status = r.text()
         failback_at, nyields = r.unpack("<dI")
@@ -391,10 +392,10 @@ def decode(data: bytes) -> NodeView:
         raise ViewDecodeError("held count too large")
     held = frozenset(_undelta(r.u32_array(nheld)))
     nov = r.u32()
-    overrides: dict[IPv4Address, Override] = {}
+    overrides: dict[IPAddress, Override] = {}
     for _ in range(nov):
         ip, seq = (int(x) for x in r.unpack("<IQ"))
-        overrides[IPv4Address(ip)] = Override(r.text(), seq)
+        overrides[ip_address(ip)] = Override(r.text(), seq)
     if len(overrides) != nov:
         raise ViewDecodeError("duplicate override")
     if r.pos != len(body):

@@ -17,7 +17,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from functools import partial
-from ipaddress import IPv4Address
+from ipaddress import ip_address
 
 import trio
 
@@ -483,7 +483,7 @@ async def serve(
                     )
                 )
                 host, port = bound[0].socket.getsockname()[:2]
-                service.cluster_address = HostPort(IPv4Address(host), port)
+                service.cluster_address = HostPort(ip_address(host), port)
             await nursery.start(service.run)
             await nursery.start(
                 partial(

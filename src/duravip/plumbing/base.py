@@ -8,25 +8,25 @@ are interchangeable.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
-from ipaddress import IPv4Address
 from typing import Protocol
 
 import attrs
 import trio
 
 from duravip.config.model import Topology
+from duravip.ipaddr import IPAddress
 
 
 @attrs.frozen(order=True)
 class Placement:
     """Where an IP is plumbed: the Topology longest-prefix match decides."""
 
-    ip: IPv4Address
+    ip: IPAddress
     interface: str
     prefixlen: int = 32
 
 
-def place(ip: IPv4Address, topology: Sequence[Topology]) -> Placement | None:
+def place(ip: IPAddress, topology: Sequence[Topology]) -> Placement | None:
     """Longest-prefix match of ``ip`` against the Topology blocks (None: no block)."""
     best: Topology | None = None
     for t in topology:
@@ -38,7 +38,7 @@ def place(ip: IPv4Address, topology: Sequence[Topology]) -> Placement | None:
 
 
 #: Per-IP outcome of a batch: None for success, else a human-readable error.
-Results = Mapping[IPv4Address, str | None]
+Results = Mapping[IPAddress, str | None]
 
 #: Interface name -> carrier (administratively up and the link running).
 Carrier = Mapping[str, bool]
@@ -55,7 +55,7 @@ class Plumber(Protocol):
         """Remove every placement; an address already gone (EADDRNOTAVAIL) is success."""
         ...
 
-    async def present(self, managed: Collection[IPv4Address]) -> frozenset[IPv4Address]:
+    async def present(self, managed: Collection[IPAddress]) -> frozenset[IPAddress]:
         """Which of ``managed`` are on some interface now."""
         ...
 

@@ -12,11 +12,11 @@ import errno
 import logging
 import socket
 from collections.abc import Collection, Iterable
-from ipaddress import IPv4Address
 
 import trio
 import trio_util
 
+from duravip.ipaddr import IPAddress
 from duravip.plumbing import rtnl
 from duravip.plumbing.nlsock import DGRAM, NetlinkSocket
 
@@ -27,7 +27,7 @@ class AddressCache:
     """Which IPv4 addresses are on which interface index."""
 
     def __init__(self) -> None:
-        self._where: dict[IPv4Address, set[int]] = {}
+        self._where: dict[IPAddress, set[int]] = {}
         #: Bumped on every change; drivers wait on it.
         self.version = 0
         #: True once a full dump has been applied (before that, answers are unknown).
@@ -36,7 +36,7 @@ class AddressCache:
 
     def replace(self, addrs: Iterable[rtnl.AddrInfo]) -> None:
         """Replace everything with a fresh dump."""
-        where: dict[IPv4Address, set[int]] = {}
+        where: dict[IPAddress, set[int]] = {}
         for a in addrs:
             where.setdefault(a.ip, set()).add(a.index)
         self._where = where
@@ -60,12 +60,12 @@ class AddressCache:
         for ip in [ip for ip, idx in self._where.items() if index in idx]:
             self.removed(rtnl.AddrInfo(ip, index, 0))
 
-    def present(self, managed: Collection[IPv4Address]) -> frozenset[IPv4Address]:
+    def present(self, managed: Collection[IPAddress]) -> frozenset[IPAddress]:
         if len(managed) < len(self._where):
             return frozenset(ip for ip in managed if ip in self._where)
         return frozenset(ip for ip in self._where if ip in managed)
 
-    def interfaces_of(self, ip: IPv4Address) -> frozenset[int]:
+    def interfaces_of(self, ip: IPAddress) -> frozenset[int]:
         return frozenset(self._where.get(ip, ()))
 
     def __len__(self) -> int:

@@ -8,19 +8,19 @@ calls, remove addresses "from outside", and take interfaces down or away.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
-from ipaddress import IPv4Address
 
 import attrs
 import trio
 import trio_util
 
+from duravip.ipaddr import IPAddress
 from duravip.plumbing.base import Carrier, Placement, Results
 
 
 @attrs.define
 class Call:
     op: str  # "plumb" | "unplumb" | "present" | "announce"
-    ips: tuple[IPv4Address, ...]
+    ips: tuple[IPAddress, ...]
     all_hosts: bool | None = None
 
 
@@ -29,11 +29,11 @@ class FakePlumber:
 
     def __init__(self, interfaces: Collection[str] = ("eth1",)) -> None:
         self.interfaces: dict[str, bool] = dict.fromkeys(interfaces, True)  # name -> up
-        self.addresses: dict[IPv4Address, str] = {}
+        self.addresses: dict[IPAddress, str] = {}
         self.calls: list[Call] = []
-        self.announced: list[IPv4Address] = []
+        self.announced: list[IPAddress] = []
         #: ip -> (error text, remaining times; None = forever)
-        self._ip_failures: dict[IPv4Address, tuple[str, int | None]] = {}
+        self._ip_failures: dict[IPAddress, tuple[str, int | None]] = {}
         #: op -> list of exceptions raised by the next calls of that op
         self._call_failures: dict[str, list[BaseException]] = {}
         self.changed = trio_util.AsyncValue(0)
@@ -45,7 +45,7 @@ class FakePlumber:
 
     # -- fault injection -------------------------------------------------
     def fail_ip(
-        self, ip: IPv4Address, error: str = "injected failure", times: int | None = 1
+        self, ip: IPAddress, error: str = "injected failure", times: int | None = 1
     ) -> None:
         """Make plumb/unplumb of ``ip`` fail ``times`` times (None: until cleared)."""
         self._ip_failures[ip] = (error, times)
@@ -58,13 +58,13 @@ class FakePlumber:
         """Make the next call of ``op`` raise (default: OSError)."""
         self._call_failures.setdefault(op, []).append(exc or OSError(5, "injected call failure"))
 
-    def remove_externally(self, *ips: IPv4Address) -> None:
+    def remove_externally(self, *ips: IPAddress) -> None:
         """Someone ran ``ip addr del``."""
         for ip in ips:
             self.addresses.pop(ip, None)
         self.changed.value += 1
 
-    def add_externally(self, ip: IPv4Address, interface: str = "eth1") -> None:
+    def add_externally(self, ip: IPAddress, interface: str = "eth1") -> None:
         self.addresses[ip] = interface
         self.changed.value += 1
 
@@ -101,7 +101,7 @@ class FakePlumber:
         if pending:
             raise pending.pop(0)
 
-    def _ip_error(self, ip: IPv4Address) -> str | None:
+    def _ip_error(self, ip: IPAddress) -> str | None:
         entry = self._ip_failures.get(ip)
         if entry is None:
             return None
@@ -117,7 +117,7 @@ class FakePlumber:
         await trio.lowlevel.checkpoint()
         self.calls.append(Call("plumb", tuple(p.ip for p in placements)))
         self._check_call("plumb")
-        out: dict[IPv4Address, str | None] = {}
+        out: dict[IPAddress, str | None] = {}
         for p in placements:
             up = self.interfaces.get(p.interface)
             err = self._ip_error(p.ip)
@@ -136,7 +136,7 @@ class FakePlumber:
         await trio.lowlevel.checkpoint()
         self.calls.append(Call("unplumb", tuple(p.ip for p in placements)))
         self._check_call("unplumb")
-        out: dict[IPv4Address, str | None] = {}
+        out: dict[IPAddress, str | None] = {}
         for p in placements:
             err = self._ip_error(p.ip)
             if err is not None:
@@ -146,7 +146,7 @@ class FakePlumber:
                 out[p.ip] = None
         return out
 
-    async def present(self, managed: Collection[IPv4Address]) -> frozenset[IPv4Address]:
+    async def present(self, managed: Collection[IPAddress]) -> frozenset[IPAddress]:
         await trio.lowlevel.checkpoint()
         self.calls.append(Call("present", ()))
         self._check_call("present")

@@ -16,10 +16,10 @@ import logging
 import socket
 import struct
 from collections.abc import Iterable, Mapping, Sequence
-from ipaddress import IPv4Address
 
 import trio
 
+from duravip.ipaddr import IPAddress
 from duravip.plumbing.base import Placement
 from duravip.plumbing.netns import open_socket
 from duravip.plumbing.rtnl import LinkInfo, NeighInfo
@@ -42,9 +42,9 @@ def arp_frame(
     op: int,
     dst_mac: bytes,
     src_mac: bytes,
-    sender_ip: IPv4Address,
+    sender_ip: IPAddress,
     target_mac: bytes,
-    target_ip: IPv4Address,
+    target_ip: IPAddress,
 ) -> bytes:
     """An Ethernet ARP frame, padded to the 60-byte minimum."""
     frame = _ARP.pack(
@@ -64,7 +64,7 @@ def arp_frame(
     return frame.ljust(60, b"\x00")
 
 
-def garp_request(mac: bytes, ip: IPv4Address) -> bytes:
+def garp_request(mac: bytes, ip: IPAddress) -> bytes:
     """Broadcast gratuitous ARP request: "ip is at mac", sender = target = ip."""
     return arp_frame(
         op=ARP_REQUEST,
@@ -76,7 +76,7 @@ def garp_request(mac: bytes, ip: IPv4Address) -> bytes:
     )
 
 
-def unicast_reply(mac: bytes, ip: IPv4Address, peer: NeighInfo) -> bytes:
+def unicast_reply(mac: bytes, ip: IPAddress, peer: NeighInfo) -> bytes:
     """Unicast ARP reply to one known neighbour: "ip is at mac"."""
     return arp_frame(
         op=ARP_REPLY,

@@ -13,11 +13,11 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
-from ipaddress import IPv4Address
 
 import trio
 import trio_util
 
+from duravip.ipaddr import IPAddress
 from duravip.plumbing import rtnl
 from duravip.plumbing.base import Carrier, Placement, Results
 from duravip.plumbing.cache import AddressCache, addrs_from_dump, run_cache
@@ -57,7 +57,7 @@ class NetlinkPlumber:
 
     async def plumb(self, placements: Sequence[Placement]) -> Results:
         links = await self.refresh_links()  # a fresh up/down state: links are few
-        out: dict[IPv4Address, str | None] = {}
+        out: dict[IPAddress, str | None] = {}
         todo: list[tuple[Placement, int]] = []
         for p in placements:
             link = links.get(p.interface)
@@ -92,9 +92,9 @@ class NetlinkPlumber:
         deleted where they are, so clean slate finds strays on any interface.
         """
         links = await self._resolve(placements)
-        out: dict[IPv4Address, str | None] = {}
-        todo: list[tuple[IPv4Address, int]] = []
-        lost: list[IPv4Address] = []
+        out: dict[IPAddress, str | None] = {}
+        todo: list[tuple[IPAddress, int]] = []
+        lost: list[IPAddress] = []
         cached = self.cache is not None and self.cache.synced
         for p in placements:
             if cached:
@@ -119,16 +119,16 @@ class NetlinkPlumber:
 
     async def _delete(
         self,
-        todo: list[tuple[IPv4Address, int]],
-        out: dict[IPv4Address, str | None],
+        todo: list[tuple[IPAddress, int]],
+        out: dict[IPAddress, str | None],
         *,
         retry_elsewhere: bool,
-    ) -> list[IPv4Address]:
+    ) -> list[IPAddress]:
         """Delete (ip, index) pairs into ``out``; return IPs that were not there."""
         codes = await self._nl.batch(
             len(todo), lambda i, seq: rtnl.encode_addr_del(seq, todo[i][0].packed, todo[i][1])
         )
-        missing: list[IPv4Address] = []
+        missing: list[IPAddress] = []
         for (ip, index), code in zip(todo, codes, strict=True):
             if code in (errno.EADDRNOTAVAIL, errno.ENODEV) and retry_elsewhere:
                 missing.append(ip)
@@ -140,14 +140,14 @@ class NetlinkPlumber:
                 out[ip] = f"delete {ip}: {_strerror(code)}"
         return missing
 
-    async def _locations(self, ips: set[IPv4Address]) -> dict[IPv4Address, frozenset[int]]:
-        where: dict[IPv4Address, set[int]] = {}
+    async def _locations(self, ips: set[IPAddress]) -> dict[IPAddress, frozenset[int]]:
+        where: dict[IPAddress, set[int]] = {}
         for a in addrs_from_dump(await self._nl.dump(rtnl.RTM_GETADDR)):
             if a.ip in ips:
                 where.setdefault(a.ip, set()).add(a.index)
         return {ip: frozenset(v) for ip, v in where.items()}
 
-    async def present(self, managed: Collection[IPv4Address]) -> frozenset[IPv4Address]:
+    async def present(self, managed: Collection[IPAddress]) -> frozenset[IPAddress]:
         if self.cache is not None and self.cache.synced:
             return self.cache.present(managed)
         wanted = managed if isinstance(managed, (set, frozenset)) else set(managed)

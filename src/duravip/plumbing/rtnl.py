@@ -11,13 +11,15 @@ from __future__ import annotations
 import socket
 import struct
 from collections.abc import Iterator
-from ipaddress import IPv4Address
+from ipaddress import ip_address
 
 import attrs
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 from pyroute2.netlink.rtnl.ndmsg import ndmsg
+
+from duravip.ipaddr import IPAddress
 
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
@@ -150,7 +152,7 @@ def error_code(buf: bytes, h: Header) -> int:
 
 @attrs.frozen
 class AddrInfo:
-    ip: IPv4Address
+    ip: IPAddress
     index: int
     prefixlen: int
 
@@ -175,7 +177,7 @@ def parse_addr(buf: bytes, h: Header) -> AddrInfo | None:
     raw = local if local is not None else address
     if raw is None:
         return None
-    return AddrInfo(IPv4Address(raw), index, prefixlen)
+    return AddrInfo(ip_address(raw), index, prefixlen)
 
 
 @attrs.frozen
@@ -215,7 +217,7 @@ def parse_links(chunks: list[bytes]) -> list[LinkInfo]:
 @attrs.frozen
 class NeighInfo:
     index: int
-    ip: IPv4Address
+    ip: IPAddress
     mac: bytes
 
 
@@ -240,5 +242,5 @@ def parse_neighbours(chunks: list[bytes]) -> list[NeighInfo]:
             mac = bytes.fromhex(str(lladdr).replace(":", ""))
             if len(mac) != 6:
                 continue
-            out.append(NeighInfo(index=int(msg["ifindex"]), ip=IPv4Address(str(dst)), mac=mac))
+            out.append(NeighInfo(index=int(msg["ifindex"]), ip=ip_address(str(dst)), mac=mac))
     return out

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from ipaddress import IPv4Address
 
 import attrs
 import trio
 import trio_util
 
 from duravip.config.model import Topology
+from duravip.ipaddr import IPAddress
 from duravip.plumbing.base import Placement, Plumber, place
 
 log = logging.getLogger("duravip.plumbing")
@@ -48,9 +48,9 @@ class PlumbingWorker:
         self,
         *,
         plumber: Plumber,
-        managed: frozenset[IPv4Address],
+        managed: frozenset[IPAddress],
         topology: Sequence[Topology],
-        forbidden: frozenset[IPv4Address],
+        forbidden: frozenset[IPAddress],
         announce_all_hosts: bool,
         garp_count: int,
         garp_interval: float,
@@ -70,29 +70,29 @@ class PlumbingWorker:
         self.reconcile_interval = reconcile_interval
         self._backoff_base = backoff_base
         self._backoff_max = backoff_max
-        self._desired: set[IPv4Address] = set()
-        self._retire: set[IPv4Address] = set()
+        self._desired: set[IPAddress] = set()
+        self._retire: set[IPAddress] = set()
         self._lock = trio.Lock()
         self._wake = trio.Event()
         #: What is on the interfaces now (managed IPs only).
-        self.present: trio_util.AsyncValue[frozenset[IPv4Address]] = trio_util.AsyncValue(
+        self.present: trio_util.AsyncValue[frozenset[IPAddress]] = trio_util.AsyncValue(
             frozenset()
         )
         #: IPs whose last attempt failed, with the retry schedule and the error.
-        self.failures: dict[IPv4Address, Backoff] = {}
+        self.failures: dict[IPAddress, Backoff] = {}
         self.reconciles = 0
         self.repaired = 0
 
     # -- public API ----------------------------------------------------------
     @property
-    def desired(self) -> frozenset[IPv4Address]:
+    def desired(self) -> frozenset[IPAddress]:
         return frozenset(self._desired)
 
     @property
-    def managed(self) -> frozenset[IPv4Address]:
+    def managed(self) -> frozenset[IPAddress]:
         return self._managed
 
-    async def ensure(self, ips: Iterable[IPv4Address]) -> frozenset[IPv4Address]:
+    async def ensure(self, ips: Iterable[IPAddress]) -> frozenset[IPAddress]:
         """Plumb ``ips`` (idempotent), announce them, return those now present."""
         async with self._lock:
             placements = self._placements(ips, "plumb")
@@ -106,7 +106,7 @@ class PlumbingWorker:
                 self._nursery.start_soon(self._announce_rest, wanted)
         return frozenset(got)
 
-    async def announce(self, ips: Iterable[IPv4Address]) -> None:
+    async def announce(self, ips: Iterable[IPAddress]) -> None:
         """Gratuitous ARP again for IPs held here (after a heal or a rival's release)."""
         placements = self._placements([ip for ip in ips if ip in self._desired], "announce")
         if placements:
@@ -114,7 +114,7 @@ class PlumbingWorker:
             if self._garp_count > 1:
                 self._nursery.start_soon(self._announce_rest, placements)
 
-    async def remove(self, ips: Iterable[IPv4Address]) -> None:
+    async def remove(self, ips: Iterable[IPAddress]) -> None:
         """Unplumb ``ips``; failures are retried by the reconcile loop."""
         async with self._lock:
             placements = self._placements(ips, "unplumb")
@@ -124,12 +124,12 @@ class PlumbingWorker:
             gone = await self._unplumb(placements)
             self.present.value = self.present.value - gone
 
-    def set_desired(self, ips: Iterable[IPv4Address]) -> None:
+    def set_desired(self, ips: Iterable[IPAddress]) -> None:
         """Replace the desired set; the reconcile loop does the work."""
         self._desired = {p.ip for p in self._placements(ips, "plumb")}
         self.poke()
 
-    def set_managed(self, managed: frozenset[IPv4Address], topology: Sequence[Topology]) -> None:
+    def set_managed(self, managed: frozenset[IPAddress], topology: Sequence[Topology]) -> None:
         """Reload: IPs no longer managed are removed once, then never touched again."""
         new = managed - self._forbidden
         self._retire = (self._retire | (self._managed - new)) - new
@@ -203,7 +203,7 @@ class PlumbingWorker:
 
     # -- helpers -----------------------------------------------------------------
     def _placements(
-        self, ips: Iterable[IPv4Address], op: str, *, quiet: bool = False
+        self, ips: Iterable[IPAddress], op: str, *, quiet: bool = False
     ) -> list[Placement]:
         out: list[Placement] = []
         for ip in sorted(ips):  # deterministic order: logs, batches and tests
@@ -220,7 +220,7 @@ class PlumbingWorker:
                     out.append(p)
         return out
 
-    def _due(self, ip: IPv4Address, now: float) -> bool:
+    def _due(self, ip: IPAddress, now: float) -> bool:
         b = self.failures.get(ip)
         return b is None or b.due <= now
 
@@ -244,18 +244,18 @@ class PlumbingWorker:
         if prev is not None:
             log.info("%s %s succeeded after %d failed attempts", op, p.ip, prev.attempts)
 
-    async def _plumb(self, placements: Sequence[Placement]) -> set[IPv4Address]:
+    async def _plumb(self, placements: Sequence[Placement]) -> set[IPAddress]:
         return await self._apply("plumb", self._plumber.plumb, placements)
 
-    async def _unplumb(self, placements: Sequence[Placement]) -> set[IPv4Address]:
+    async def _unplumb(self, placements: Sequence[Placement]) -> set[IPAddress]:
         return await self._apply("unplumb", self._plumber.unplumb, placements)
 
     async def _apply(
         self,
         op: str,
-        call: Callable[[Sequence[Placement]], Awaitable[Mapping[IPv4Address, str | None]]],
+        call: Callable[[Sequence[Placement]], Awaitable[Mapping[IPAddress, str | None]]],
         placements: Sequence[Placement],
-    ) -> set[IPv4Address]:
+    ) -> set[IPAddress]:
         """One batched plumber call; per-IP outcome recorded for retry and logs."""
         if not placements:
             return set()
@@ -263,7 +263,7 @@ class PlumbingWorker:
             results = await call(placements)
         except OSError as exc:
             results = {p.ip: f"{op} call failed: {exc}" for p in placements}
-        done: set[IPv4Address] = set()
+        done: set[IPAddress] = set()
         for p in placements:
             err = results.get(p.ip, "no result")
             if err is None:
@@ -289,8 +289,8 @@ class PlumbingWorker:
 
 
 async def clean_slate(
-    plumber: Plumber, managed: frozenset[IPv4Address], topology: Sequence[Topology] = ()
-) -> frozenset[IPv4Address]:
+    plumber: Plumber, managed: frozenset[IPAddress], topology: Sequence[Topology] = ()
+) -> frozenset[IPAddress]:
     """Remove every managed IP present anywhere (start-up); return what was removed."""
     found = await plumber.present(managed)
     if not found:
@@ -307,9 +307,9 @@ async def clean_slate(
 async def serve(
     *,
     plumber: Plumber,
-    managed: frozenset[IPv4Address],
+    managed: frozenset[IPAddress],
     topology: Sequence[Topology],
-    forbidden: frozenset[IPv4Address],
+    forbidden: frozenset[IPAddress],
     announce_all_hosts: bool,
     garp_count: int,
     garp_interval: float,

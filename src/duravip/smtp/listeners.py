@@ -26,12 +26,13 @@ import logging
 import os
 import socket
 from collections.abc import Callable
-from ipaddress import IPv4Address
+from ipaddress import ip_address
 
 import attrs
 import trio
 
 from duravip.config import Config, Listener
+from duravip.ipaddr import IPAddress
 from duravip.smtp.driver import handle_connection
 from duravip.smtp.server import ServerSettings, too_many_connections
 from duravip.smtp.settings import session_limits
@@ -95,7 +96,7 @@ class ListenerManager:
         sink: MessageSink,
         settings: ServerSettings,
         nursery: trio.Nursery,
-        on_listener_failed: Callable[[IPv4Address], None] = lambda ip: None,
+        on_listener_failed: Callable[[IPAddress], None] = lambda ip: None,
     ) -> None:
         self._config = config
         #: Called with the IP of a DuraVIP listener whose accept failed for good (not
@@ -111,7 +112,7 @@ class ListenerManager:
         self._running: dict[Addr, _Running] = {}
         self._stopping: dict[Addr, _Running] = {}
         #: IPs handed to start_ip and not yet to stop_ip.
-        self._ips: set[IPv4Address] = set()
+        self._ips: set[IPAddress] = set()
         #: Sessions per client IP (entries removed at zero: bounded by max_sessions).
         self._per_ip: dict[str, int] = {}
         #: Rate limit of the capacity-error log: when it may log next, and what it skipped.
@@ -145,7 +146,7 @@ class ListenerManager:
         """Addresses currently accepting connections."""
         return frozenset(self._running)
 
-    async def start_ip(self, ip: IPv4Address) -> None:
+    async def start_ip(self, ip: IPAddress) -> None:
         """Start every DuraVIP listener bound to ``ip`` (plumbed already).
 
         Raises ``OSError`` (EADDRNOTAVAIL if the IP is not on the host); then
@@ -165,7 +166,7 @@ class ListenerManager:
                     await self._stop(addr, 0.0)
             raise
 
-    async def stop_ip(self, ip: IPv4Address, drain_timeout: float) -> None:
+    async def stop_ip(self, ip: IPAddress, drain_timeout: float) -> None:
         """Stop accepting on ``ip`` now, drain sessions, then ``421`` the rest.
 
         Returns when every listening socket and session of ``ip`` is gone.
@@ -204,7 +205,7 @@ class ListenerManager:
         pairs = ((lst.address.as_tuple(), lst) for lst in config.listeners)
         self.counters["tls_context_errors"] += self._tls.load(pairs)
 
-    def _duravip_addrs(self, config: Config, ip: IPv4Address) -> list[Addr]:
+    def _duravip_addrs(self, config: Config, ip: IPAddress) -> list[Addr]:
         index = self._vip_index if config is self._config else _index_by_ip(config)
         return list(index.get(ip, ()))
 
@@ -338,7 +339,7 @@ class ListenerManager:
             del self._running[running.addr]
         self._stopping[running.addr] = running
         self._nursery.start_soon(self._drain, running, self._config.cluster.drain_timeout)
-        ip = IPv4Address(running.addr[0])
+        ip = ip_address(running.addr[0])
         if ip not in self._ips:
             return
         try:
@@ -460,9 +461,9 @@ class ListenerManager:
             await running.done.wait()
 
 
-def _index_by_ip(config: Config) -> dict[IPv4Address, list[Addr]]:
+def _index_by_ip(config: Config) -> dict[IPAddress, list[Addr]]:
     """DuraVIP listener addresses per IP: start_ip/stop_ip stay O(1) at 10,240 IPs."""
-    index: dict[IPv4Address, list[Addr]] = {}
+    index: dict[IPAddress, list[Addr]] = {}
     for lst in config.listeners:
         if is_duravip_listener(config, lst):
             index.setdefault(lst.address.host, []).append(lst.address.as_tuple())
@@ -474,7 +475,7 @@ async def serve(
     config: Config,
     sink: MessageSink,
     settings: ServerSettings,
-    on_listener_failed: Callable[[IPv4Address], None] = lambda ip: None,
+    on_listener_failed: Callable[[IPAddress], None] = lambda ip: None,
     task_status: trio.TaskStatus[ListenerManager] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the plain listeners, hand out the manager, close everything on cancel.

@@ -6,10 +6,12 @@ Kept free of trio so the sans-IO server core can import them.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from ipaddress import IPv4Address
+from ipaddress import ip_address
 from typing import Protocol
 
 from attrs import Factory, frozen
+
+from duravip.ipaddr import IPAddress
 
 
 @frozen
@@ -28,8 +30,8 @@ class Envelope:
     mail_params: Mapping[str, str] = Factory(dict)
 
     @property
-    def local_ip(self) -> IPv4Address:
-        return IPv4Address(self.local[0])
+    def local_ip(self) -> IPAddress:
+        return ip_address(self.local[0])
 
 
 class TemporaryFailure(Exception):

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
-from ipaddress import AddressValueError, IPv4Address
+from ipaddress import ip_address
 from typing import TypeVar
 
 from attrs import frozen
 
 from duravip.control.protocol import CommandError, CommandRegistry, Reply
+from duravip.ipaddr import IPAddress
 
 Handler = Callable[[list[str]], Awaitable[Reply]]
 Ctx = TypeVar("Ctx")
@@ -66,8 +67,8 @@ async def _not_started(args: list[str]) -> Reply:
     raise CommandError(NOT_STARTED)
 
 
-def parse_ip(word: str) -> IPv4Address:
+def parse_ip(word: str) -> IPAddress:
     try:
-        return IPv4Address(word)
-    except (AddressValueError, ValueError):
-        raise CommandError(f"not an IPv4 address: {word!r}") from None
+        return ip_address(word)
+    except ValueError:
+        raise CommandError(f"not an IP address: {word!r}") from None

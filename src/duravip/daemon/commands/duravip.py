@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from ipaddress import IPv4Address
 from typing import Any, Protocol
 
 from attrs import frozen
@@ -21,6 +20,7 @@ from duravip.daemon.commands.common import Spec, add, parse_ip
 from duravip.daemon.services import NodeState
 from duravip.election import Decision, NodeView, VipClaim, score
 from duravip.election.picture import holders_by_ip
+from duravip.ipaddr import IPAddress
 
 SHOW = Spec("cluster duravip show", "cluster duravip show", "every DuraVIP: services, owner, holder, states")
 TABLES = Spec("cluster duravip show tables", "cluster duravip show tables", "raw views and decisions as JSON")
@@ -45,7 +45,7 @@ class Steering(Protocol):
 
     def announce(self) -> None: ...
 
-    def request_move(self, ip: IPv4Address, node: str) -> None: ...
+    def request_move(self, ip: IPAddress, node: str) -> None: ...
 
 
 @frozen
@@ -161,7 +161,7 @@ def _states(d: Decision) -> str:
     return ",".join(sorted(d.states)) or "OK"
 
 
-def _services(st: NodeState, ip: IPv4Address) -> str:
+def _services(st: NodeState, ip: IPAddress) -> str:
     vip: DuraVip | VipClaim | None = st.config.duravips.get(ip)
     if vip is None:
         for v in st.snapshot.value.views.values():
@@ -191,7 +191,7 @@ def _out_of_service(st: NodeState) -> dict[str, str]:
     }
 
 
-def _reason(d: Decision | None, ip: IPv4Address, st: NodeState, out: dict[str, str]) -> str:
+def _reason(d: Decision | None, ip: IPAddress, st: NodeState, out: dict[str, str]) -> str:
     if d is None:
         return "not resolved yet"
     views = st.snapshot.value.views
