@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import socket
 import typing
-from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any, Final
 
@@ -40,6 +39,7 @@ from duravip.config.model import (
 )
 from duravip.config.parser import Document, Stanza
 from duravip.config.reader import MISSING, Locs, StanzaReader, field_types
+from duravip.ipaddr import IPNetwork
 
 __all__ = ["TOP_STANZAS", "Locs", "structure"]
 
@@ -184,7 +184,7 @@ class _Structurer(StanzaReader):
             return None
         path = ("topology", index)
         self.locs[path] = st.loc
-        network = self.arg_value(st, IPv4Network, "Topology")
+        network = self.arg_value(st, IPNetwork, "Topology")
         values, _ = self.section(st, _TOPOLOGY_TYPES, (), path)
         if "interface" not in values:
             if (*path, "interface") not in self.locs:
@@ -192,6 +192,8 @@ class _Structurer(StanzaReader):
             return None
         if network is MISSING:
             return None
+        if network.version == 6:
+            values.setdefault("cidrmask", 128)
         return Topology(network=network, loc=st.loc, **values)
 
     def control(self, st: Stanza | None) -> ControlConfig:
