@@ -14,7 +14,7 @@ from typing import Literal
 
 from attrs import Factory, field, frozen
 
-from duravip.ipaddr import IPAddress, IPNetwork
+from duravip.ipaddr import IPAddress, IPNetwork, ip_key
 from duravip.swim.settings import Timers as Timers
 
 Profile = Literal["lan", "fast", "wan"]
@@ -30,8 +30,9 @@ MAX_DURAVIPS = 10_240
 class HostPort:
     """An endpoint such as ``"10.1.0.11:4801"`` or ``"[2001:db8::11]:4801"``."""
 
-    host: IPAddress
-    port: int
+    #: Ordered IPv4 before IPv6 (the two families do not compare).
+    host: IPAddress = field(order=ip_key)
+    port: int = field()
 
     def __str__(self) -> str:
         if self.host.version == 6:

@@ -14,7 +14,7 @@ from typing import Protocol
 import trio
 from attrs import frozen
 
-from duravip.ipaddr import IPAddress
+from duravip.ipaddr import IPAddress, ip_key
 
 log = logging.getLogger("duravip.actuator")
 
@@ -49,7 +49,7 @@ class NodeActuator:
         plumbing, listeners = self.ctx.plumbing, self.ctx.listeners
         present = await plumbing.ensure(ips)
         started: set[IPAddress] = set()
-        for ip in sorted(present):
+        for ip in sorted(present, key=ip_key):
             try:
                 await listeners.start_ip(ip)
             except OSError as e:
@@ -74,6 +74,6 @@ class NodeActuator:
 
 
 def _short(ips: frozenset[IPAddress] | set[IPAddress], limit: int = 8) -> str:
-    s = sorted(ips)
+    s = sorted(ips, key=ip_key)
     text = ",".join(map(str, s[:limit]))
     return text + (f",+{len(s) - limit}" if len(s) > limit else "")

@@ -32,7 +32,7 @@ from duravip.election.picture import handed_off
 from duravip.election.resolver import ResolverService
 from duravip.health.runner import HealthContext, HealthService
 from duravip.health.runner import serve as serve_health
-from duravip.ipaddr import IPAddress
+from duravip.ipaddr import IPAddress, ip_key
 from duravip.mail.router import MMOVE
 from duravip.mail.service import MailService
 from duravip.plumbing.base import Plumber
@@ -152,7 +152,7 @@ class Operator:
         """IPs this node would own but leaves with their holder -> when it takes them back."""
         me = self.ctx.state.name
         decisions = self.ctx.resolver.decisions.value
-        return {str(ip): d.failback_at for ip, d in sorted(decisions.items()) if d.failback == me}
+        return {str(ip): d.failback_at for ip, d in sorted(decisions.items(), key=lambda kv: ip_key(kv[0])) if d.failback == me}
 
     def report(self) -> dict[str, Any]:
         now = trio.current_time()
@@ -191,7 +191,7 @@ def smtp_targets(state: NodeState, held: Callable[[], Collection[Any]]) -> Seque
     """Our own SMTP listeners: on held DuraVIPs first, then the plain ones."""
     c = state.config
     out = [
-        HostPort(ip, port) for ip in sorted(held()) if ip in c.duravips
+        HostPort(ip, port) for ip in sorted(held(), key=ip_key) if ip in c.duravips
         for port in c.duravips[ip].listener_ports
     ]
     out += [ls.address for ls in c.listeners if not ls.is_duravip]

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from attrs import frozen
 
 from duravip.election.view import VipClaim
-from duravip.ipaddr import IPAddress
+from duravip.ipaddr import IPAddress, ip_key
 
 __all__ = ["BROKEN", "CONFLICT", "NO_STATES", "UNSAFE", "Info", "combine", "derived"]
 
@@ -76,7 +76,7 @@ class _Derived:
 
     def __init__(self, vips: Mapping[IPAddress, VipClaim]) -> None:
         self.vips = vips  # keeps id(vips) valid while cached
-        self.ipobjs = sorted(vips)
+        self.ipobjs = sorted(vips, key=ip_key)
         self.ints = [int(ip) for ip in self.ipobjs]
         self.packed = [ip.packed for ip in self.ipobjs]
         self.claims = [vips[ip] for ip in self.ipobjs]

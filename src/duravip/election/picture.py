@@ -29,7 +29,7 @@ from duravip.config import HostPort
 from duravip.election.quorum import LIVE_STATES
 from duravip.election.rule import Decision
 from duravip.election.view import NodeView, decode
-from duravip.ipaddr import IPAddress
+from duravip.ipaddr import IPAddress, ip_key
 from duravip.swim.members import Member, State
 
 __all__ = [
@@ -199,9 +199,14 @@ def reannounce_targets(
     """
     contested = {ip for ip, hs in holders_by_ip(snap).items() if set(hs) - {snap.local}}
     return sorted(
-        ip
-        for ip in held
-        if (d := decisions.get(ip)) is not None and d.owner == snap.local and ip not in contested
+        (
+            ip
+            for ip in held
+            if (d := decisions.get(ip)) is not None
+            and d.owner == snap.local
+            and ip not in contested
+        ),
+        key=ip_key,
     )
 
 

@@ -32,7 +32,7 @@ from duravip.election.preempt import apply_preemption
 from duravip.election.quorum import LIVE_STATES, StableMembership, apply_quorum
 from duravip.election.rule import Decision, Resolver, resolve
 from duravip.election.view import NodeView, Override, build_view
-from duravip.ipaddr import IPAddress
+from duravip.ipaddr import IPAddress, ip_key
 from duravip.swim.members import State
 
 __all__ = ["BACKOFF_MAX", "BACKOFF_MIN", "Action", "ResolverPolicy", "ResolverStats", "Takeover"]
@@ -431,7 +431,7 @@ class ResolverPolicy:
         got = got & action.acquire
         self._uncertain = (self._uncertain - got) | (action.acquire - got)
         self.stats.moves_in += len(got)
-        for ip in sorted(got):
+        for ip in sorted(got, key=ip_key):
             gone = action.from_dead.get(ip)
             since = self._gone_since.get(gone) if gone is not None else None
             latency = now - since if since is not None else None

@@ -29,7 +29,7 @@ from duravip.election.policy import (
 )
 from duravip.election.rule import Decision
 from duravip.election.view import NodeView
-from duravip.ipaddr import IPAddress
+from duravip.ipaddr import IPAddress, ip_key
 
 __all__ = [
     "Actuator",
@@ -102,9 +102,9 @@ class ResolverService:
         self.held.value = after
         if before != after:
             for hook in self.on_held_change:
-                for ip in sorted(before - after):
+                for ip in sorted(before - after, key=ip_key):
                     hook("release", ip)
-                for ip in sorted(after - before):
+                for ip in sorted(after - before, key=ip_key):
                     hook("acquire", ip)
         for view in self.policy.take_views():
             self._publish(view)

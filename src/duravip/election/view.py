@@ -19,7 +19,7 @@ import zlib
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from ipaddress import ip_address
+from ipaddress import IPv6Address, ip_address
 from types import MappingProxyType
 
 import xxhash
@@ -184,6 +184,19 @@ def _deltas(ips: Iterable[IPAddress]) -> list[int]:
     return out
 
 
+def _split(ips: Iterable[IPAddress]) -> tuple[list[IPAddress], list[IPAddress]]:
+    """(IPv4, IPv6), each sorted. IPv6 travels in extra sections old decoders never see."""
+    v4: list[IPAddress] = []
+    v6: list[IPAddress] = []
+    for ip in ips:
+        (v4 if ip.version == 4 else v6).append(ip)
+    return sorted(v4, key=int), sorted(v6, key=int)
+
+
+def _v6_array(ips: list[IPAddress]) -> bytes:
+    return struct.pack("<I", len(ips)) + b"".join(ip.packed for ip in ips)
+
+
 def _put_str(out: list[bytes], s: str) -> None:
     raw = s.encode()
     if len(raw) > 0xFFFF:
@@ -201,9 +214,9 @@ def _encode_vips(vips: Mapping[IPAddress, VipClaim]) -> bytes:
             return 0
         return strings.setdefault(s, len(strings)) + 1
 
-    order = sorted(vips)
+    order, order6 = _split(vips)
     claim_idx: list[int] = []
-    for ip in order:
+    for ip in order + order6:
         c = vips[ip]
         i = claims.get(c)
         if i is None:
@@ -230,7 +243,10 @@ def _encode_vips(vips: Mapping[IPAddress, VipClaim]) -> bytes:
     out.extend(claim_rows)
     out.append(struct.pack("<I", len(order)))
     out.append(_u32_array(_deltas(order)))
-    out.append(_u32_array(claim_idx))
+    out.append(_u32_array(claim_idx[: len(order)]))
+    if order6:  # IPv6 DuraVIPs: a tail after the IPv4 ones (absent when there are none)
+        out.append(_v6_array(order6))
+        out.append(_u32_array(claim_idx[len(order) :]))
     return b"".join(out)
 
 
@@ -239,29 +255,48 @@ def encode(view: NodeView) -> bytes:
     body: list[bytes] = []
     _put_str(body, view.node)
     operator = bool(view.status or view.yields or view.failback_at)
+    mmove4 = view.mmove_addr is not None and view.mmove_addr.host.version == 4
+    held4, held6 = _split(view.held)
+    yields4, yields6 = _split(view.yields)
+    ov4, ov6 = _split(view.overrides)
+    v6 = bool(held6 or yields6 or ov6) or (view.mmove_addr is not None and not mmove4)
     flags = (
         (1 if view.mature else 0)
-        | (2 if view.mmove_addr is not None else 0)
+        | (2 if mmove4 else 0)
         | (4 if operator else 0)
+        | (8 if v6 else 0)
     )
     body.append(struct.pack("<QB", view.version, flags))
-    if view.mmove_addr is not None:
+    if view.mmove_addr is not None and mmove4:
         body.append(struct.pack("<IH", int(view.mmove_addr.host), view.mmove_addr.port))
     body.append(struct.pack("<dd", view.config_stable_since, view.booted_at))
     if operator:
         _put_str(body, view.status)
-        body.append(struct.pack("<dI", view.failback_at, len(view.yields)))
-        body.append(_u32_array(_deltas(view.yields)))
+        body.append(struct.pack("<dI", view.failback_at, len(yields4)))
+        body.append(_u32_array(_deltas(yields4)))
     section = _encode_vips(view.vips)
     body.append(struct.pack("<I", len(section)))
     body.append(section)
-    body.append(struct.pack("<I", len(view.held)))
-    body.append(_u32_array(_deltas(view.held)))
-    body.append(struct.pack("<I", len(view.overrides)))
-    for ip in sorted(view.overrides):
+    body.append(struct.pack("<I", len(held4)))
+    body.append(_u32_array(_deltas(held4)))
+    body.append(struct.pack("<I", len(ov4)))
+    for ip in ov4:
         ov = view.overrides[ip]
         body.append(struct.pack("<IQ", int(ip), ov.seq))
         _put_str(body, ov.target)
+    if v6:  # flag 8: the IPv6 parts (mmove address, held, yields, overrides)
+        m = view.mmove_addr
+        if m is not None and not mmove4:
+            body.append(struct.pack("<B16sH", 1, m.host.packed, m.port))
+        else:
+            body.append(b"\0")
+        body.append(_v6_array(held6))
+        body.append(_v6_array(yields6))
+        body.append(struct.pack("<I", len(ov6)))
+        for ip in ov6:
+            ov = view.overrides[ip]
+            body.append(struct.pack("<16sQ", ip.packed, ov.seq))
+            _put_str(body, ov.target)
     return _MAGIC + zlib.compress(b"".join(body), 6)
 
 
@@ -318,6 +353,17 @@ def _undelta(deltas: list[int]) -> list[IPAddress]:
     return out
 
 
+def _v6_list(r: _Reader) -> list[IPAddress]:
+    n = r.u32()
+    if 16 * n > len(r.data):
+        raise ViewDecodeError("IPv6 count too large")
+    raw = r.take(16 * n)
+    out: list[IPAddress] = [IPv6Address(raw[i : i + 16]) for i in range(0, 16 * n, 16)]
+    if len(set(out)) != n:
+        raise ViewDecodeError("duplicate IP in view")
+    return out
+
+
 def _decode_vips(r: _Reader) -> Mapping[IPAddress, VipClaim]:
     nstrings = r.u32()
     if nstrings > len(r.data):
@@ -345,6 +391,10 @@ def _decode_vips(r: _Reader) -> Mapping[IPAddress, VipClaim]:
         raise ViewDecodeError("vip count too large")
     ips = _undelta(r.u32_array(nvips))
     idx = r.u32_array(nvips)
+    if r.pos < len(r.data):  # the IPv6 tail
+        ips6 = _v6_list(r)
+        ips.extend(ips6)
+        idx.extend(r.u32_array(len(ips6)))
     if idx and max(idx) >= nclaims:
         raise ViewDecodeError("bad claim reference")
     return dict(zip(ips, [claims[i] for i in idx], strict=True))
@@ -364,7 +414,7 @@ def decode(data: bytes) -> NodeView:
     r = _Reader(body)
     node = r.text()
     version, flags = (int(x) for x in r.unpack("<QB"))
-    if flags & ~7:
+    if flags & ~15:
         raise ViewDecodeError("unknown view flags")
     mmove: HostPort | None = None
     if flags & 2:
@@ -398,6 +448,21 @@ def decode(data: bytes) -> NodeView:
         overrides[ip_address(ip)] = Override(r.text(), seq)
     if len(overrides) != nov:
         raise ViewDecodeError("duplicate override")
+    if flags & 8:
+        (has6,) = r.unpack("<B")
+        if has6:
+            raw6, port6 = r.unpack("<16sH")
+            assert isinstance(raw6, bytes)
+            mmove = HostPort(IPv6Address(raw6), int(port6))
+        held = held | frozenset(_v6_list(r))
+        yields = yields | frozenset(_v6_list(r))
+        nov6 = r.u32()
+        for _ in range(nov6):
+            raw6, seq6 = r.unpack("<16sQ")
+            assert isinstance(raw6, bytes)
+            overrides[IPv6Address(raw6)] = Override(r.text(), int(seq6))
+        if len(overrides) != nov + nov6:
+            raise ViewDecodeError("duplicate override")
     if r.pos != len(body):
         raise ViewDecodeError("trailing bytes in view")
     return NodeView(

@@ -18,7 +18,7 @@ import trio
 import trio_util
 
 from duravip.config.model import Topology
-from duravip.ipaddr import IPAddress
+from duravip.ipaddr import IPAddress, ip_key
 from duravip.plumbing.base import Placement, Plumber, place
 
 log = logging.getLogger("duravip.plumbing")
@@ -157,16 +157,16 @@ class PlumbingWorker:
             previously = self.present.value
             missing = self._desired - actual
             outside = missing & previously
-            for ip in sorted(outside):
+            for ip in sorted(outside, key=ip_key):
                 log.warning("%s was removed from outside; putting it back", ip)
             self.repaired += len(outside)
-            due_missing = [ip for ip in sorted(missing) if self._due(ip, now)]
+            due_missing = [ip for ip in sorted(missing, key=ip_key) if self._due(ip, now)]
             to_plumb = self._placements(due_missing, "plumb", quiet=True)
             extra = (actual & self._managed) - self._desired
             retire = actual & self._retire
-            due_extra = [ip for ip in sorted(extra | retire) if self._due(ip, now)]
+            due_extra = [ip for ip in sorted(extra | retire, key=ip_key) if self._due(ip, now)]
             to_unplumb = [place(ip, self._topology) or Placement(ip, "", 32) for ip in due_extra]
-            for ip in sorted(extra):
+            for ip in sorted(extra, key=ip_key):
                 if ip not in self.failures:
                     log.info("%s is plumbed but not wanted here; removing it", ip)
             got = await self._plumb(to_plumb) if to_plumb else set()
@@ -206,7 +206,7 @@ class PlumbingWorker:
         self, ips: Iterable[IPAddress], op: str, *, quiet: bool = False
     ) -> list[Placement]:
         out: list[Placement] = []
-        for ip in sorted(ips):  # deterministic order: logs, batches and tests
+        for ip in sorted(ips, key=ip_key):  # deterministic order: logs, batches and tests
             if ip in self._forbidden:
                 log.error("refusing to %s %s: it is this node's main address", op, ip)
             elif ip not in self._managed:
@@ -295,10 +295,10 @@ async def clean_slate(
     found = await plumber.present(managed)
     if not found:
         return frozenset()
-    placements = [place(ip, topology) or Placement(ip, "", 32) for ip in sorted(found)]
+    placements = [place(ip, topology) or Placement(ip, "", 32) for ip in sorted(found, key=ip_key)]
     results = await plumber.unplumb(placements)
     removed = frozenset(ip for ip in found if results.get(ip, "no result") is None)
-    for ip in sorted(found - removed):
+    for ip in sorted(found - removed, key=ip_key):
         log.error("clean slate: could not remove %s: %s", ip, results.get(ip, "no result"))
     log.info("clean slate: removed %d lingering DuraVIPs", len(removed))
     return removed

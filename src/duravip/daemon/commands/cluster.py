@@ -14,6 +14,7 @@ from duravip.control.protocol import CommandRegistry, Reply
 from duravip.control.render import format_duration, table
 from duravip.daemon.commands.common import Spec, add
 from duravip.daemon.services import NodeState
+from duravip.ipaddr import ip_key
 from duravip.swim.driver import Membership
 
 MEMBERSHIP = Spec("cluster membership", "cluster membership", "members with state, incarnation and view")
@@ -78,7 +79,7 @@ async def info(ctx: ClusterContext, args: list[str]) -> Reply:
     by_state: dict[str, int] = {}
     for s in st.snapshot.value.states.values():
         by_state[s] = by_state.get(s, 0) + 1
-    held = sorted(st.held)
+    held = sorted(st.held, key=ip_key)
     data: dict[str, Any] = {
         "node": st.name,
         "cluster": c.cluster.name,

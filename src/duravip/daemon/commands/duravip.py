@@ -20,7 +20,7 @@ from duravip.daemon.commands.common import Spec, add, parse_ip
 from duravip.daemon.services import NodeState
 from duravip.election import Decision, NodeView, VipClaim, score
 from duravip.election.picture import holders_by_ip
-from duravip.ipaddr import IPAddress
+from duravip.ipaddr import IPAddress, ip_key
 
 SHOW = Spec("cluster duravip show", "cluster duravip show", "every DuraVIP: services, owner, holder, states")
 TABLES = Spec("cluster duravip show tables", "cluster duravip show tables", "raw views and decisions as JSON")
@@ -208,7 +208,7 @@ def _clock(t: float) -> str:
 def _duravip_rows(st: NodeState) -> tuple[list[list[str]], list[dict[str, Any]]]:
     holders = holders_by_ip(st.snapshot.value)
     decisions = st.decisions
-    ips = sorted(set(decisions) | set(st.config.duravips))
+    ips = sorted(set(decisions) | set(st.config.duravips), key=ip_key)
     out = _out_of_service(st)
     rows, data = [], []
     for ip in ips:
@@ -260,7 +260,7 @@ def _view_json(v: NodeView) -> dict[str, Any]:
                 "preference": c.preference,
                 "follows": c.follows,
             }
-            for ip, c in sorted(v.vips.items())
+            for ip, c in sorted(v.vips.items(), key=lambda kv: ip_key(kv[0]))
         },
     }
 
