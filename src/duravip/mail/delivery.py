@@ -8,10 +8,11 @@ failures (5xx) leave a bounce file under ``bounces/`` and are removed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from pathlib import Path
 
 import trio
@@ -69,6 +70,7 @@ class Deliverer:
         retry_max: float,
         timeout: float = 60.0,
         dedup: DedupWindow | None = None,
+        stalled_since: Callable[[float], bool] | None = None,
     ) -> None:
         self.spool = spool
         self.counters = counters
@@ -77,6 +79,8 @@ class Deliverer:
         self.retry_max = retry_max
         self.timeout = timeout
         self.dedup = dedup if dedup is not None else DedupWindow()
+        #: A stall since ``t`` (``outbound.StallWatch``): do not send the data.
+        self.stalled_since = stalled_since
         #: Crash-point test hook (``transfer_state.DELIVER_POINTS``).
         self.fault: ts.Fault = ts.no_fault
 
@@ -137,9 +141,10 @@ class Deliverer:
                 await self.defer(m, f"connect to {smarthost} from {bind or 'any'}: {exc!r}")
             return
         session = SmtpSession(stream, timeout=self.timeout)
+        doubted: set[str] | None = None  # set once this batch's marks are durable
         try:
             await session.start(self.helo)
-            await self._mark(pending)
+            doubted = await self._mark(pending)
             while pending:
                 msg = pending[0]
                 if self.spool.get(msg.id) is None:
@@ -160,7 +165,9 @@ class Deliverer:
                     )
                     continue
                 self.fault(ts.DELIVER_BEFORE_DATA, msg.id)
-                res = await session.send(msg.mail_from, msg.rcpt_to, data)
+                res = await session.send(
+                    msg.mail_from, msg.rcpt_to, data, stalled_since=self.stalled_since
+                )
                 pending.pop(0)
                 if 200 <= res.code < 300:
                     self.fault(ts.DELIVER_AFTER_250, msg.id)
@@ -193,13 +200,36 @@ class Deliverer:
                         )
                     await self.defer(m, f"session with {smarthost}: {exc}", in_doubt=doubt)
             return
+        except trio.Cancelled:
+            # Stopped (the binding's IP leaves): a cancellation never lands between
+            # a message's data and its recorded reply (both shielded), so nothing
+            # left in ``pending`` was sent. Unmark it, or its next delivery would
+            # look in doubt; a mark from an earlier cut-off attempt stays.
+            with trio.CancelScope(shield=True):
+                await session.abort()
+                if doubted is not None:
+                    await self._unmark([m for m in pending if m.id not in doubted])
+            raise
         await session.quit()
 
-    async def _mark(self, batch: Sequence[QueuedMessage]) -> None:
+    async def _unmark(self, batch: Sequence[QueuedMessage]) -> None:
+        async def one(m: QueuedMessage) -> None:
+            cur = self.spool.get(m.id)
+            if cur is None or not cur.delivering:
+                return
+            with contextlib.suppress(KeyError, SpoolError):
+                await self.spool.update(m.id, delivering=0.0)
+
+        async with trio.open_nursery() as nursery:
+            for m in batch:
+                nursery.start_soon(one, m)
+
+    async def _mark(self, batch: Sequence[QueuedMessage]) -> set[str]:
         """Durably note that these deliveries start (one shared flush); a copy still
         marked from an earlier start was cut off by a crash: it may have reached the
-        smarthost, so this delivery may duplicate it (counted, logged)."""
+        smarthost, so this delivery may duplicate it (counted, logged). Returns those."""
         now = time.time()
+        doubted: set[str] = set()
         self.dedup.prune(self.spool.state.seen, now)
 
         async def one(m: QueuedMessage) -> None:
@@ -207,6 +237,7 @@ class Deliverer:
             if cur is None:
                 return
             if cur.delivering:
+                doubted.add(m.id)
                 _bump(self.counters, "delivery_in_doubt")
                 log.warning(
                     "delivery of %s (binding %s) started at %.0f was cut off before its outcome "
@@ -226,6 +257,7 @@ class Deliverer:
         async with trio.open_nursery() as nursery:
             for m in batch:
                 nursery.start_soon(one, m)
+        return doubted
 
     async def _record(
         self,

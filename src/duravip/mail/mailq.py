@@ -10,6 +10,30 @@ from duravip.mail import router
 from duravip.mail.router import DEFAULT, MMOVE, PENDING, MailqRow
 from duravip.mail.spool_format import QueuedMessage
 
+#: The mail service's counters (``duravip console`` stats, metrics), all present from the start.
+COUNTERS = (
+    "received",
+    "delivered",
+    "deferred",
+    "bounced",
+    "mmove_sent",
+    "mmove_received",
+    "mmove_dup",
+    "mmove_auth_failed",
+    "mmove_failed",
+    # A sealed mmove frame failed (tampering on the path, or a broken peer).
+    "mmove_frame_rejected",
+    # Two-phase mmove: pending copies made live / dropped (by a commit or a resolution).
+    "mmove_committed",
+    "mmove_aborted",
+    # Delivery: a copy delivered within the dedup window; a restart of a delivery cut off by a crash.
+    "delivery_dup_suppressed",
+    "delivery_in_doubt",
+    # Found by the spool's recovery at open (see Spool.recovery).
+    "spool_torn_tails",
+    "spool_corrupt_regions",
+)
+
 
 def mailq_rows(
     messages: Iterable[QueuedMessage],

@@ -25,9 +25,10 @@ from duravip.config.model import Config, HostPort, SmtpLimits
 from duravip.mail import router
 from duravip.mail.dedup import DedupWindow
 from duravip.mail.delivery import Deliverer, backoff
-from duravip.mail.mailq import mailq_rows
+from duravip.mail.mailq import COUNTERS, mailq_rows
 from duravip.mail.mmove import SERVICE, MoveFailed, Receiver, move_batch, serve_listener
 from duravip.mail.mmove_resolve import serve_resolver
+from duravip.mail.outbound import Outbound, StallWatch
 from duravip.mail.router import DEFAULT, MailqRow
 from duravip.mail.spool import NewMessage, Spool, SpoolError, new_queue_id
 from duravip.mail.spool_format import QueuedMessage, RecordTooLarge
@@ -47,28 +48,6 @@ MMOVE_MIN_PER_CONNECTION = 16
 SCHEDULE_DEBOUNCE = 0.02
 #: Longest sleep of the scheduler when nothing is due (a safety net).
 IDLE_RESCAN = 30.0
-COUNTERS = (
-    "received",
-    "delivered",
-    "deferred",
-    "bounced",
-    "mmove_sent",
-    "mmove_received",
-    "mmove_dup",
-    "mmove_auth_failed",
-    "mmove_failed",
-    # A sealed mmove frame failed (tampering on the path, or a broken peer).
-    "mmove_frame_rejected",
-    # Two-phase mmove: pending copies made live / dropped (by a commit or a resolution).
-    "mmove_committed",
-    "mmove_aborted",
-    # Delivery: a copy delivered within the dedup window; a restart of a delivery cut off by a crash.
-    "delivery_dup_suppressed",
-    "delivery_in_doubt",
-    # Found by the spool's recovery at open (see Spool.recovery).
-    "spool_torn_tails",
-    "spool_corrupt_regions",
-)
 
 
 def duravip_bindings(config: Config) -> frozenset[str]:
@@ -111,8 +90,9 @@ class MailService:
         self._dv = duravip_bindings(config)
         self._wake = trio.Event()
         self._inflight: set[str] = set()
-        #: Cancel scopes of the deliveries running per binding.
-        self._delivering: dict[str, set[trio.CancelScope]] = {}
+        #: Deliveries running per binding; bindings whose IP is being released.
+        self.outbound = Outbound()
+        self.stall_watch = StallWatch()
         #: Open mmove connections per node.
         self._moving: dict[str, int] = defaultdict(int)
         self._node_retry_at: dict[str, float] = {}
@@ -139,6 +119,7 @@ class MailService:
             retry_base=d.retry_base,
             retry_max=d.retry_max,
             dedup=DedupWindow(window=d.dedup_window, max_entries=d.dedup_max),
+            stalled_since=self.stall_watch.stalled_since,
         )
 
     # ---- daemon-facing API ----------------------------------------------
@@ -178,10 +159,9 @@ class MailService:
                 if node is not None:
                     self._node_retry_at.pop(node, None)
                 if self.route_of(b)[0] != "local":
-                    # Its IP is gone from here: a delivery still talking from it
-                    # cannot finish; stop it so the queue can follow the binding.
-                    for scope in self._delivering.get(b, ()):
-                        scope.cancel()
+                    # Its IP leaves: stop its deliveries (each before its next
+                    # transaction) so the queue can follow the binding.
+                    self.outbound.stop(b)
         self.wake()
 
     def held_here(self) -> frozenset[str]:
@@ -203,6 +183,12 @@ class MailService:
         """Per group/binding active and delayed counts; ``default/#mmove`` for moves,
         ``default/#pending`` (count and age) for moved copies awaiting their commit."""
         return mailq_rows(self.spool.iter(), self.route_of, self.config, self._node_retry_at)
+
+    def quiesce_ips(self, ips: Iterable[object]) -> contextlib.AbstractAsyncContextManager[None]:
+        """Around an unplumb of ``ips``: see :mod:`duravip.mail.outbound`."""
+        want = {str(ip) for ip in ips}
+        names = [b.name for b in self.config.bindings if str(b.bind_address) in want]
+        return self.outbound.quiesce(names)
 
     async def hand_over(self, timeout: float) -> None:
         """Graceful shutdown: move every message whose binding is held elsewhere, within ``timeout``."""
@@ -370,12 +356,12 @@ class MailService:
         self, limiter: trio.CapacityLimiter, binding: str, msgs: list[QueuedMessage]
     ) -> None:
         scope = trio.CancelScope()
-        self._delivering.setdefault(binding, set()).add(scope)
+        self.outbound.add(binding, scope)
         try:
             with scope:
                 await self._deliver_batch(limiter, binding, msgs)
         finally:
-            self._delivering[binding].discard(scope)
+            self.outbound.discard(binding, scope)
             self._inflight.difference_update(m.id for m in msgs)
             self._dirty.update(m.id for m in msgs)
             self._wake.set()
@@ -400,6 +386,7 @@ class MailService:
         """The scheduler loop: rebind, then start deliveries and moves that are due."""
         limiter = trio.CapacityLimiter(max(1, self.config.delivery.concurrency))
         async with trio.open_nursery() as nursery:
+            await nursery.start(self.stall_watch.run)
             task_status.started()
             while True:
                 self._wake = trio.Event()
@@ -424,7 +411,7 @@ class MailService:
                     kind, _node = self.route_of(m.binding)
                     if kind == "move":
                         moves.append(m)
-                    if kind != "local":
+                    if kind != "local" or self.outbound.blocked(m.binding):
                         continue
                     if m.next_at > now:
                         next_at = min(next_at, m.next_at)

@@ -16,7 +16,8 @@ smuggling).
 from __future__ import annotations
 
 import errno
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
@@ -148,11 +149,15 @@ class SmtpSession:
         params: Sequence[str] = (),
         *,
         all_or_nothing: bool = False,
+        stalled_since: Callable[[float], bool] | None = None,
     ) -> SendResult:
         """One transaction. Refusals come back in the result; a broken session raises.
 
         ``all_or_nothing``: if any recipient is refused, reset instead of sending
         the data (mmove must never leave a partial copy behind).
+        ``stalled_since(t)``: if this process stood still since ``DATA`` was sent,
+        give up before the data (its source IP may have moved meanwhile, and the
+        reply with it; see :class:`duravip.mail.outbound.StallWatch`).
         """
         r = await self._cmd(self.proto.mail_with, mail_from, params)
         if r.is_error():
@@ -174,6 +179,7 @@ class SmtpSession:
             worst = rejected[0] if rejected and not deferred else (deferred or rejected)[0]
             code = int(worst[1][:3])
             return SendResult(code, worst[1][4:], (), tuple(deferred), tuple(rejected))
+        t_data = time.monotonic()
         r = await self._cmd(self.proto.start_data)
         if r.is_error():
             await self._cmd(self.proto.reset)
@@ -182,6 +188,8 @@ class SmtpSession:
         # us not knowing whether the server took the message (and resending it
         # elsewhere makes a duplicate): let it finish, bounded by the timeout.
         with trio.CancelScope(shield=True):
+            if stalled_since is not None and stalled_since(t_data):
+                raise SmtpError("this process stood still before the data: not sending it")
             try:
                 r = await self._cmd(self.proto.data_raw, data)
             except SmtpError as exc:
