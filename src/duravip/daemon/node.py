@@ -63,6 +63,7 @@ from duravip.election.picture import (
 from duravip.election.quorum import LIVE_STATES
 from duravip.election.resolver import serve as serve_resolver
 from duravip.ipaddr import IPAddress
+from duravip.mail.outbound import QuiescingPlumbing
 from duravip.mail.service import serve as serve_mail
 from duravip.plumbing.base import Plumber
 from duravip.plumbing.netlink import open_netlink_plumber
@@ -239,7 +240,8 @@ class Node:
                 await self._sync(membership)
                 actuator = NodeActuator(
                     ActuatorContext(
-                        plumbing=plumbing,
+                        # Deliveries from an IP read their last reply before it leaves.
+                        plumbing=QuiescingPlumbing(plumbing, mail.quiesce_ips),
                         listeners=listeners,
                         drain_timeout=lambda: self.config.cluster.drain_timeout,
                     )
