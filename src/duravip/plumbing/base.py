@@ -14,16 +14,18 @@ import attrs
 import trio
 
 from duravip.config.model import Topology
-from duravip.ipaddr import IPAddress
+from duravip.ipaddr import IPAddress, ip_key
 
 
 @attrs.frozen(order=True)
 class Placement:
     """Where an IP is plumbed: the Topology longest-prefix match decides."""
 
-    ip: IPAddress
-    interface: str
-    prefixlen: int = 32
+    #: Ordered IPv4 before IPv6 (the two families do not compare).
+    ip: IPAddress = attrs.field(order=ip_key)
+    interface: str = attrs.field()
+    #: 32 for IPv4 and 128 for IPv6 is a host address (the Topology default).
+    prefixlen: int = attrs.field(default=32)
 
 
 def place(ip: IPAddress, topology: Sequence[Topology]) -> Placement | None:
@@ -60,7 +62,7 @@ class Plumber(Protocol):
         ...
 
     async def announce(self, placements: Sequence[Placement], *, all_hosts: bool) -> None:
-        """Gratuitous ARP for the placements (broadcast, or unicast to known neighbours)."""
+        """Gratuitous ARP (IPv4) or unsolicited NA (IPv6) for the placements (all hosts, or unicast)."""
         ...
 
     async def watch_carrier(

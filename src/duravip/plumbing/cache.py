@@ -1,7 +1,7 @@
-"""The iflist cache: IPv4 addresses per interface, kept from netlink events.
+"""The iflist cache: IPv4 and IPv6 addresses per interface, kept from netlink events.
 
 :class:`AddressCache` is the sans-IO state (apply a dump, apply events);
-:func:`run_cache` is the Trio driver reading ``RTMGRP_IPV4_IFADDR`` and link
+:func:`run_cache` is the Trio driver reading ``RTMGRP_IPV4_IFADDR``, ``RTMGRP_IPV6_IFADDR`` and link
 events. After ENOBUFS (events were lost) the socket is drained first, then the
 table is re-dumped: re-dumping without draining loses later events silently.
 """
@@ -24,10 +24,12 @@ log = logging.getLogger("duravip.plumbing")
 
 
 class AddressCache:
-    """Which IPv4 addresses are on which interface index."""
+    """Which addresses are on which interface index (and, for IPv6, with which prefix)."""
 
     def __init__(self) -> None:
         self._where: dict[IPAddress, set[int]] = {}
+        #: IPv6 only: the kernel deletes an IPv6 address only with its prefix length.
+        self._plen6: dict[tuple[IPAddress, int], int] = {}
         #: Bumped on every change; drivers wait on it.
         self.version = 0
         #: True once a full dump has been applied (before that, answers are unknown).
@@ -37,18 +39,26 @@ class AddressCache:
     def replace(self, addrs: Iterable[rtnl.AddrInfo]) -> None:
         """Replace everything with a fresh dump."""
         where: dict[IPAddress, set[int]] = {}
+        plen6: dict[tuple[IPAddress, int], int] = {}
         for a in addrs:
             where.setdefault(a.ip, set()).add(a.index)
+            if a.ip.version == 6:
+                plen6[(a.ip, a.index)] = a.prefixlen
         self._where = where
+        self._plen6 = plen6
         self.synced = True
         self.version += 1
 
     def added(self, a: rtnl.AddrInfo) -> None:
         self._where.setdefault(a.ip, set()).add(a.index)
+        if a.ip.version == 6:
+            self._plen6[(a.ip, a.index)] = a.prefixlen
         self.version += 1
 
     def removed(self, a: rtnl.AddrInfo) -> None:
         idx = self._where.get(a.ip)
+        if a.ip.version == 6:
+            self._plen6.pop((a.ip, a.index), None)
         if idx is not None:
             idx.discard(a.index)
             if not idx:
@@ -67,6 +77,10 @@ class AddressCache:
 
     def interfaces_of(self, ip: IPAddress) -> frozenset[int]:
         return frozenset(self._where.get(ip, ()))
+
+    def prefixlen(self, ip: IPAddress, index: int, default: int) -> int:
+        """The prefix length ``ip`` has on ``index`` (IPv6; ``default`` when unknown)."""
+        return self._plen6.get((ip, index), default)
 
     def __len__(self) -> int:
         return len(self._where)

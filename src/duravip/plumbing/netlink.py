@@ -22,6 +22,7 @@ from duravip.plumbing import rtnl
 from duravip.plumbing.base import Carrier, Placement, Results
 from duravip.plumbing.cache import AddressCache, addrs_from_dump, run_cache
 from duravip.plumbing.garp import DEFAULT_RATE, GarpSender, plan_frames
+from duravip.plumbing.ndisc import NdiscSender, plan_adverts
 from duravip.plumbing.nlsock import DGRAM, NetlinkSocket, open_route_socket
 
 log = logging.getLogger("duravip.plumbing")
@@ -36,10 +37,15 @@ class NetlinkPlumber:
         garp: GarpSender,
         cache: AddressCache | None,
         netns: str | None = None,
+        *,
+        na_router: bool = False,
     ) -> None:
         self._nl = nl
         self._netns = netns
         self._garp = garp
+        #: IPv6 DuraVIPs are announced with unsolicited neighbour advertisements.
+        self._ndisc = NdiscSender(netns, rate=garp.rate)
+        self.na_router = na_router
         self.cache = cache
         self._links: dict[str, rtnl.LinkInfo] = {}
         #: Bumped whenever the iflist cache changes (stays 0 without the cache).
@@ -93,7 +99,7 @@ class NetlinkPlumber:
         """
         links = await self._resolve(placements)
         out: dict[IPAddress, str | None] = {}
-        todo: list[tuple[IPAddress, int]] = []
+        todo: list[tuple[IPAddress, int, int]] = []
         lost: list[IPAddress] = []
         cached = self.cache is not None and self.cache.synced
         for p in placements:
@@ -101,17 +107,18 @@ class NetlinkPlumber:
                 assert self.cache is not None
                 indexes = self.cache.interfaces_of(p.ip)
                 if indexes:
-                    todo.extend((p.ip, i) for i in indexes)
+                    c = self.cache
+                    todo.extend((p.ip, i, c.prefixlen(p.ip, i, p.prefixlen)) for i in indexes)
                 else:
                     out[p.ip] = None
             elif p.interface in links:
-                todo.append((p.ip, links[p.interface].index))
+                todo.append((p.ip, links[p.interface].index, p.prefixlen))
             else:
                 lost.append(p.ip)
         lost.extend(await self._delete(todo, out, retry_elsewhere=not cached))
         if lost:
             where = await self._locations(set(lost))
-            again = [(ip, i) for ip in lost for i in where.get(ip, ())]
+            again = [(ip, i, plen) for ip in lost for i, plen in where.get(ip, ())]
             for ip in lost:
                 out.setdefault(ip, None)  # not on any interface: already gone
             await self._delete(again, out, retry_elsewhere=False)
@@ -119,17 +126,21 @@ class NetlinkPlumber:
 
     async def _delete(
         self,
-        todo: list[tuple[IPAddress, int]],
+        todo: list[tuple[IPAddress, int, int]],
         out: dict[IPAddress, str | None],
         *,
         retry_elsewhere: bool,
     ) -> list[IPAddress]:
-        """Delete (ip, index) pairs into ``out``; return IPs that were not there."""
+        """Delete (ip, index, prefixlen) into ``out``; return IPs that were not there.
+
+        The prefix length matters for IPv6 only (the kernel matches it there).
+        """
         codes = await self._nl.batch(
-            len(todo), lambda i, seq: rtnl.encode_addr_del(seq, todo[i][0].packed, todo[i][1])
+            len(todo),
+            lambda i, seq: rtnl.encode_addr_del(seq, todo[i][0].packed, todo[i][1], todo[i][2]),
         )
         missing: list[IPAddress] = []
-        for (ip, index), code in zip(todo, codes, strict=True):
+        for (ip, index, _plen), code in zip(todo, codes, strict=True):
             if code in (errno.EADDRNOTAVAIL, errno.ENODEV) and retry_elsewhere:
                 missing.append(ip)
             elif code in (0, errno.EADDRNOTAVAIL, errno.ENODEV):
@@ -140,11 +151,14 @@ class NetlinkPlumber:
                 out[ip] = f"delete {ip}: {_strerror(code)}"
         return missing
 
-    async def _locations(self, ips: set[IPAddress]) -> dict[IPAddress, frozenset[int]]:
-        where: dict[IPAddress, set[int]] = {}
+    async def _locations(
+        self, ips: set[IPAddress]
+    ) -> dict[IPAddress, frozenset[tuple[int, int]]]:
+        """(interface index, prefix length) of each of ``ips`` found in one dump."""
+        where: dict[IPAddress, set[tuple[int, int]]] = {}
         for a in addrs_from_dump(await self._nl.dump(rtnl.RTM_GETADDR)):
             if a.ip in ips:
-                where.setdefault(a.ip, set()).add(a.index)
+                where.setdefault(a.ip, set()).add((a.index, a.prefixlen))
         return {ip: frozenset(v) for ip, v in where.items()}
 
     async def present(self, managed: Collection[IPAddress]) -> frozenset[IPAddress]:
@@ -161,7 +175,13 @@ class NetlinkPlumber:
         if not all_hosts:
             for n in rtnl.parse_neighbours(await self._nl.dump(rtnl.RTM_GETNEIGH)):
                 neighbours.setdefault(n.index, []).append(n)
-        frames, skipped = plan_frames(placements, links, neighbours, all_hosts=all_hosts)
+        v4 = [p for p in placements if p.ip.version == 4]
+        v6 = [p for p in placements if p.ip.version == 6]
+        frames, skipped = plan_frames(v4, links, neighbours, all_hosts=all_hosts)
+        adverts, skipped6 = plan_adverts(
+            v6, links, neighbours, all_hosts=all_hosts, router=self.na_router
+        )
+        skipped += skipped6
         if skipped:
             log.warning(
                 "gratuitous ARP skipped for %d IPs: interface missing (e.g. %s on %s)",
@@ -169,7 +189,10 @@ class NetlinkPlumber:
                 skipped[0].ip,
                 skipped[0].interface,
             )
-        await self._garp.send(frames)
+        if frames:
+            await self._garp.send(frames)
+        if adverts:
+            await self._ndisc.send(adverts)
 
     async def watch_carrier(
         self,
@@ -211,10 +234,12 @@ class NetlinkPlumber:
 
     @property
     def garp_sent(self) -> int:
-        return self._garp.sent
+        """Announcements sent: gratuitous ARP frames plus neighbour advertisements."""
+        return self._garp.sent + self._ndisc.sent
 
     async def aclose(self) -> None:
         self._garp.close()
+        self._ndisc.close()
         self._nl.close()
 
 
@@ -231,6 +256,7 @@ async def open_netlink_plumber(
     use_iflist_cache: bool = False,
     window: int = 256,
     garp_rate: float = DEFAULT_RATE,
+    na_router: bool = False,
 ) -> AsyncIterator[NetlinkPlumber]:
     """A :class:`NetlinkPlumber` in ``netns`` (None: here), closed on exit.
 
@@ -238,14 +264,20 @@ async def open_netlink_plumber(
     """
     nl = NetlinkSocket(open_route_socket(netns), window=window)
     plumber = NetlinkPlumber(
-        nl, GarpSender(netns, rate=garp_rate), AddressCache() if use_iflist_cache else None, netns
+        nl,
+        GarpSender(netns, rate=garp_rate),
+        AddressCache() if use_iflist_cache else None,
+        netns,
+        na_router=na_router,
     )
     try:
         await plumber.refresh_links()
         if plumber.cache is None:
             yield plumber
             return
-        events = open_route_socket(netns, groups=rtnl.RTMGRP_IPV4_IFADDR | rtnl.RTMGRP_LINK)
+        events = open_route_socket(
+            netns, groups=rtnl.RTMGRP_IPV4_IFADDR | rtnl.RTMGRP_IPV6_IFADDR | rtnl.RTMGRP_LINK
+        )
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(run_cache, plumber.cache, events, nl, plumber.changed)

@@ -44,6 +44,11 @@ IFA_LOCAL = 2
 
 RTMGRP_LINK = 0x1
 RTMGRP_IPV4_IFADDR = 0x10
+RTMGRP_IPV6_IFADDR = 0x100
+
+#: ``ifa_flags``: no duplicate address detection (the address is usable at once).
+IFA_F_NODAD = 0x02
+IFA_F_TENTATIVE = 0x40
 
 #: Socket options (linux/netlink.h, SOL_NETLINK = 270).
 SOL_NETLINK = 270
@@ -56,13 +61,36 @@ IFF_RUNNING = 0x40
 _HDR = struct.Struct("=IHHII")
 _ADDR_ADD = struct.Struct("=IHHIIBBBBIHH4sHH4s")
 _ADDR_DEL = struct.Struct("=IHHIIBBBBIHH4s")
+_ADDR6_ADD = struct.Struct("=IHHIIBBBBIHH16s")
+_ADDR6_DEL = struct.Struct("=IHHIIBBBBIHH16s")
 _IFADDR = struct.Struct("=BBBBI")
 _RTA = struct.Struct("=HH")
 _ERR = struct.Struct("=i")
 
 
 def encode_addr_add(seq: int, ip: bytes, prefixlen: int, index: int) -> bytes:
-    """RTM_NEWADDR with IFA_LOCAL = IFA_ADDRESS = ip; EXCL so EEXIST reports "already there"."""
+    """RTM_NEWADDR with IFA_LOCAL = IFA_ADDRESS = ip; EXCL so EEXIST reports "already there".
+
+    A 16-byte ``ip`` is IPv6: IFA_ADDRESS only, with ``IFA_F_NODAD`` so the
+    address is usable at once (no tentative state while DAD runs, which would
+    make a takeover wait about a second and let the node refuse to bind).
+    """
+    if len(ip) == 16:
+        return _ADDR6_ADD.pack(
+            _ADDR6_ADD.size,
+            RTM_NEWADDR,
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+            seq,
+            0,
+            socket.AF_INET6,
+            prefixlen,
+            IFA_F_NODAD,
+            0,
+            index,
+            20,
+            IFA_ADDRESS,
+            ip,
+        )
     return _ADDR_ADD.pack(
         _ADDR_ADD.size,
         RTM_NEWADDR,
@@ -83,8 +111,28 @@ def encode_addr_add(seq: int, ip: bytes, prefixlen: int, index: int) -> bytes:
     )
 
 
-def encode_addr_del(seq: int, ip: bytes, index: int) -> bytes:
-    """RTM_DELADDR matching on IFA_LOCAL only, so any prefix length is removed."""
+def encode_addr_del(seq: int, ip: bytes, index: int, prefixlen: int = 128) -> bytes:
+    """RTM_DELADDR matching on IFA_LOCAL only, so any prefix length is removed.
+
+    IPv6 (16-byte ``ip``) is different: the kernel deletes an IPv6 address only
+    when ``prefixlen`` matches too (ignored for IPv4).
+    """
+    if len(ip) == 16:
+        return _ADDR6_DEL.pack(
+            _ADDR6_DEL.size,
+            RTM_DELADDR,
+            NLM_F_REQUEST | NLM_F_ACK,
+            seq,
+            0,
+            socket.AF_INET6,
+            prefixlen,
+            0,
+            0,
+            index,
+            20,
+            IFA_ADDRESS,
+            ip,
+        )
     return _ADDR_DEL.pack(
         _ADDR_DEL.size,
         RTM_DELADDR,
@@ -103,17 +151,17 @@ def encode_addr_del(seq: int, ip: bytes, index: int) -> bytes:
 
 
 def encode_dump(msg_type: int, seq: int) -> bytes:
-    """A dump request (links, IPv4 addresses or IPv4 neighbours), built by pyroute2."""
+    """A dump request (links, addresses or neighbours of both families), built by pyroute2."""
     msg: ifinfmsg | ifaddrmsg | ndmsg
     if msg_type == RTM_GETLINK:
         msg = ifinfmsg()
         msg["family"] = socket.AF_UNSPEC
     elif msg_type == RTM_GETADDR:
         msg = ifaddrmsg()
-        msg["family"] = socket.AF_INET
+        msg["family"] = socket.AF_UNSPEC
     elif msg_type == RTM_GETNEIGH:
         msg = ndmsg()
-        msg["family"] = socket.AF_INET
+        msg["family"] = socket.AF_UNSPEC
     else:
         raise ValueError(f"no dump for message type {msg_type}")
     msg["header"]["type"] = msg_type
@@ -158,9 +206,13 @@ class AddrInfo:
 
 
 def parse_addr(buf: bytes, h: Header) -> AddrInfo | None:
-    """The IPv4 local address of an RTM_NEWADDR/RTM_DELADDR (None if not IPv4)."""
+    """The local address of an RTM_NEWADDR/RTM_DELADDR (None if neither IPv4 nor IPv6)."""
     family, prefixlen, _flags, _scope, index = _IFADDR.unpack_from(buf, h.start + _HDR.size)
-    if family != socket.AF_INET:
+    if family == socket.AF_INET:
+        alen = 8
+    elif family == socket.AF_INET6:
+        alen = 20
+    else:
         return None
     off = h.start + _HDR.size + _IFADDR.size
     local: bytes | None = None
@@ -169,10 +221,10 @@ def parse_addr(buf: bytes, h: Header) -> AddrInfo | None:
         rlen, rtype = _RTA.unpack_from(buf, off)
         if rlen < _RTA.size:
             break
-        if rtype == IFA_LOCAL and rlen == 8:
-            local = buf[off + 4 : off + 8]
-        elif rtype == IFA_ADDRESS and rlen == 8:
-            address = buf[off + 4 : off + 8]
+        if rtype == IFA_LOCAL and rlen == alen:
+            local = buf[off + 4 : off + alen]
+        elif rtype == IFA_ADDRESS and rlen == alen:
+            address = buf[off + 4 : off + alen]
         off += (rlen + 3) & ~3
     raw = local if local is not None else address
     if raw is None:
@@ -226,12 +278,15 @@ _NUD_KNOWN = 0x02 | 0x04 | 0x08 | 0x10 | 0x80
 
 
 def parse_neighbours(chunks: list[bytes]) -> list[NeighInfo]:
-    """IPv4 neighbours with a link-layer address (failed/incomplete entries dropped)."""
+    """Neighbours (ARP and NDP) with a link-layer address (failed/incomplete entries dropped)."""
     out: list[NeighInfo] = []
     marshal = MarshalRtnl()
     for chunk in chunks:
         for msg in marshal.parse(chunk):
-            if msg["header"]["type"] != RTM_NEWNEIGH or msg["family"] != socket.AF_INET:
+            if msg["header"]["type"] != RTM_NEWNEIGH or msg["family"] not in (
+                socket.AF_INET,
+                socket.AF_INET6,
+            ):
                 continue
             if not msg["state"] & _NUD_KNOWN:
                 continue

@@ -295,7 +295,7 @@ async def clean_slate(
     found = await plumber.present(managed)
     if not found:
         return frozenset()
-    placements = [place(ip, topology) or Placement(ip, "", 32) for ip in sorted(found, key=ip_key)]
+    placements = [place(ip, topology) or Placement(ip, "", ip.max_prefixlen) for ip in sorted(found, key=ip_key)]
     results = await plumber.unplumb(placements)
     removed = frozenset(ip for ip in found if results.get(ip, "no result") is None)
     for ip in sorted(found - removed, key=ip_key):
