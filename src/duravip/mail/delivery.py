@@ -274,10 +274,9 @@ class Deliverer:
             # Others may have been accepted already: a failed bounce file is only logged.
             await self.bounce(msg, "; ".join(t for _, t in rejected), [r for r, _ in rejected])
         if 200 <= code < 300:
-            _bump(self.counters, "delivered")
-            log.info(
-                "delivered %s via binding %s to %d recipient(s)", msg.id, msg.binding, len(accepted)
-            )
+            # The smarthost holds the message from here: a crash before the record
+            # below is durable re-delivers it, so nothing else (logging, counters)
+            # runs first.
             if deferred:
                 await self.defer(msg, "some recipients deferred", deferred)
             elif key is not None and self.dedup.window > 0:
@@ -286,6 +285,10 @@ class Deliverer:
             else:
                 await self.spool.remove(msg.id)
             self.fault(ts.DELIVER_AFTER_REMOVE, msg.id)
+            _bump(self.counters, "delivered")
+            log.info(
+                "delivered %s via binding %s to %d recipient(s)", msg.id, msg.binding, len(accepted)
+            )
             return
         refused = {x for x, _ in rejected}
         if 400 <= code < 500:
