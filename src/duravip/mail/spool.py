@@ -22,22 +22,21 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import trio
-from attrs import Factory, define, field, frozen
+from attrs import Factory, define, field
 
 from duravip.mail.spool_files import (
     create_segment_file,
     fsync_dir,
     prepare_dirs,
+    pwrite_all,
     seg_path,
-    write_all,
     write_private_file,
 )
 from duravip.mail.spool_flush import FlushRunner
@@ -54,6 +53,9 @@ from duravip.mail.spool_format import (
     seen_records,
     segment_header,
 )
+from duravip.mail.spool_items import Batch as _Batch
+from duravip.mail.spool_items import Item as _Item
+from duravip.mail.spool_items import NewMessage, SpoolError, new_queue_id
 from duravip.mail.spool_recovery import RecoveryReport, recover_log
 
 __all__ = [
@@ -68,61 +70,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class SpoolError(Exception):
-    """A durable write failed; the caller must not acknowledge the message."""
-
-
-def new_queue_id() -> str:
-    """Time-sortable (milliseconds), globally unique with high probability (40 random bits)."""
-    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(5)}"
-
-
-@frozen
-class NewMessage:
-    """What ``Spool.store`` needs; the spool assigns the queue id."""
-
-    mail_from: str
-    rcpt_to: tuple[str, ...]
-    data: bytes
-    binding: str
-    requested: str
-    origin: str
-    #: Original id of a moved message; ``None``: this is a new message (mmove id = queue id).
-    mmove_id: str | None = None
-    transfer_key: str | None = None
-    attempts: int = 0
-    next_at: float = 0.0
-    #: Pre-allocated queue id (from :func:`new_queue_id`), e.g. to hash on before storing.
-    queue_id: str | None = None
-    pending: str | None = None  # two-phase mmove: the sender, until it commits
-
-
-@define
-class _Item:
-    data: bytes
-    #: Length of the payload at the end of ``data`` (STORE), to locate it once placed.
-    payload_len: int
-    on_durable: Callable[[int, int], None]
-    #: Set on compaction copies: the message being relocated.
-    reloc: str | None = None
-
-
-@define
-class _Batch:
-    items: list[_Item] = Factory(list)
-    done: trio.Event = Factory(trio.Event)
-    error: BaseException | None = None
-    #: A writer has taken the lead of this batch.
-    led: bool = False
-    #: Where its bytes start, and the roll-back epoch it was written in.
-    segment: int = 0
-    start: int = 0
-    epoch: int = 0
-
-
 @define
 class Spool:
     """Open with :meth:`open`; use from one Trio run only."""
+
+    #: ``preallocate`` of the daemon's spool (``mail.service``): one ``fallocate`` and one
+    #: size-changing flush per 4 MiB of log; at most that much unused space per segment.
+    DAEMON_PREALLOCATE: ClassVar[int] = 4 << 20
 
     root: Path
     segment_size: int
@@ -132,6 +86,10 @@ class Spool:
     _fds: dict[int, int] = Factory(dict)
     _active: int = 0
     _active_size: int = 0
+    #: Size of the active segment's file (past ``_active_size`` when preallocated).
+    _file_end: int = 0
+    #: Bytes kept allocated ahead of the appends (0: append-only segments), see ``open``.
+    preallocate: int = 0
     _wfd: int = -1
     _open_batch: _Batch = Factory(_Batch)
     #: The last sealed batch (completion is chained in write order).
@@ -183,20 +141,29 @@ class Spool:
         segment_size: int = 64 << 20,
         seen_ttl: float = 7 * 86400.0,
         max_segments: int = 8,
+        preallocate: int = 0,
     ) -> Spool:
-        """Recover the queue from ``path`` (created if missing). Blocking: call at start-up."""
-        self = cls(Path(path), segment_size, seen_ttl, max_segments)
+        """Recover the queue from ``path`` (created if missing). Blocking: call at start-up.
+
+        ``preallocate`` > 0: new segments are preallocated (format version 3) and
+        kept that many bytes ahead of the appends, in ``fallocate`` steps of that
+        size, so a flush overwrites allocated space instead of growing the file
+        (``fdatasync`` about 25-30% faster on the VM disk, see docs/mail.md).
+        """
+        self = cls(Path(path), segment_size, seen_ttl, max_segments, preallocate=preallocate)
         prepare_dirs(self.root, (self.log_dir, self.bounce_dir))
         segs, res = recover_log(self.log_dir, self.state, self.recovery)
         for seg in segs:
             self._fds[seg] = os.open(self._seg_path(seg), os.O_RDONLY)
-        if res is not None and res.seed is not None:
+        if res is not None and res.seed is not None and res.preallocated == (preallocate > 0):
             self._seed = res.seed
             self._active = segs[-1]
-            self._active_size = self._seg_path(self._active).stat().st_size
-            self._wfd = os.open(self._seg_path(self._active), os.O_WRONLY | os.O_APPEND)
+            self._active_size = res.end
+            self._wfd = os.open(self._seg_path(self._active), os.O_WRONLY)
+            self._file_end = os.fstat(self._wfd).st_size
         else:
-            # New spool, or the last segment is legacy/unreadable: never append to those.
+            # New spool, or the last segment is legacy/unreadable (never appended to), or
+            # of the other kind (preallocated or not) than asked for: a new segment.
             self._seed = new_seed()
             self._create_segment(segs[-1] + 1 if segs else 1)
         return self
@@ -208,14 +175,16 @@ class Spool:
         """New active segment: header and a checkpoint of received transfer keys, made
         durable under a temporary name first, so a segment file is never half made."""
         p = self._seg_path(seg)
-        head = segment_header(self._seed) + seen_records(self.state.seen, seed=self._seed)
-        wfd = create_segment_file(p, head)
+        head = segment_header(self._seed, preallocated=self.preallocate > 0)
+        head += seen_records(self.state.seen, seed=self._seed)
+        wfd = create_segment_file(p, head, self.preallocate and len(head) + self.preallocate)
         if self._wfd >= 0:
             os.close(self._wfd)
         self._wfd = wfd
         self._fds[seg] = os.open(p, os.O_RDONLY)
         self._active = seg
         self._active_size = len(head)
+        self._file_end = os.fstat(wfd).st_size
 
     def close(self) -> None:
         if self._closed:
@@ -421,7 +390,8 @@ class Spool:
         start = self._active_size
         buf = b"".join(it.data for it in items)
         try:
-            write_all(self._wfd, buf)
+            self._preallocate_for(start + len(buf))
+            pwrite_all(self._wfd, buf, start)
         except OSError:
             self._roll_back(start)
             raise
@@ -433,6 +403,21 @@ class Spool:
         self._active_size = off
         return placed
 
+    def _preallocate_for(self, end: int) -> None:
+        """Keep ``preallocate`` bytes allocated past ``end`` (one ``fallocate`` per step:
+        about 30 µs, and one flush that commits the new size). Not past the segment size."""
+        step = self.preallocate
+        if not step or end + step // 2 <= self._file_end or self._file_end >= self.segment_size:
+            return
+        grow = max(step, end - self._file_end + step // 2)
+        try:
+            os.posix_fallocate(self._wfd, self._file_end, grow)
+        except OSError as exc:  # e.g. no fallocate on this file system: plain appends
+            log.warning("spool: cannot preallocate the log (%s); appending instead", exc)
+            self.preallocate = 0
+            return
+        self._file_end += grow
+
     def _roll_back(self, start: int) -> None:
         """Truncate the active segment to ``start``; later batches are void (new epoch)."""
         try:
@@ -442,7 +427,7 @@ class Spool:
             self._broken = f"cannot roll back a failed append: {exc}"
             return
         self._rollbacks.append((self._epoch, self._active, start))
-        self._active_size = start
+        self._active_size = self._file_end = start
         self._epoch += 1
 
     def _rolled_back(self, b: _Batch) -> bool:

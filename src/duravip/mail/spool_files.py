@@ -23,6 +23,7 @@ __all__ = [
     "fsync_dir",
     "prepare_dirs",
     "private_dir",
+    "pwrite_all",
     "seg_path",
     "seg_tmp_path",
     "write_all",
@@ -84,19 +85,23 @@ def prepare_dirs(root: Path, subdirs: Iterable[Path]) -> None:
         fsync_dir(root)
 
 
-def create_segment_file(path: Path, head: bytes) -> int:
+def create_segment_file(path: Path, head: bytes, preallocate: int = 0) -> int:
     """Make segment ``path`` holding ``head`` durable under its temporary name, rename it
-    into place, and return a fd appending to it: a segment file is never half made.
+    into place, and return a fd to write it with (``pwrite`` after ``head``): a segment
+    file is never half made. ``preallocate``: the file is made that long (zeros after
+    ``head``, by ``posix_fallocate``) before it is flushed.
 
     On error nothing is left behind (a rotation retries the same number).
     """
     if path.exists():
         raise FileExistsError(f"segment {path} already exists")
     tmp = seg_tmp_path(path)
-    wfd = os.open(tmp, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    wfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
     try:
         os.fchmod(wfd, FILE_MODE)
         write_all(wfd, head)
+        if preallocate > len(head):
+            os.posix_fallocate(wfd, len(head), preallocate - len(head))
         os.fdatasync(wfd)
         os.rename(tmp, path)
         fsync_dir(path.parent)
@@ -136,6 +141,15 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """``os.pwrite`` until all of ``data`` is written at ``offset`` (a write may be short)."""
+    view = memoryview(data)
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view = view[done:]
+        offset += done
 
 
 def write_all(fd: int, data: bytes) -> None:

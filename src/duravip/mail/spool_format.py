@@ -17,6 +17,14 @@ leaves the spool). A record whose head is authentic but whose body is not is
 skipped by its (trusted) length. Segments written before this format (no
 header, ``DVR1`` records whose checksum covers meta and data only) are still
 read, never appended to.
+
+Version 3 (a *preallocated* segment) differs only in how the log ends: the
+file is extended ahead of the records (``fallocate``, so it reads as zeros),
+and the first all-zero remainder after a record boundary is the clean end of
+the log, not damage. Appends then overwrite allocated space, so their
+``fdatasync`` rarely needs a journal commit for a size change. Version 2
+segments (append-only: the file ends at the last record) are still read and
+appended to as before.
 """
 
 from __future__ import annotations
@@ -39,6 +47,12 @@ LEGACY_MAGIC = b"DVR1"
 LEGACY_HEADER = struct.Struct(">4sBIIQ")
 SEG_MAGIC = b"DVSG"
 SEG_VERSION = 2
+#: A preallocated segment: an all-zero tail after the records is the end of the log.
+SEG_VERSION_PREALLOC = 3
+_SEG_VERSIONS = (SEG_VERSION, SEG_VERSION_PREALLOC)
+#: Disk sectors: a zero-filled aligned one inside a preallocated segment's damaged tail
+#: was never written (a torn batch), whatever landed after it.
+SECTOR = 512
 SEG_COPY = struct.Struct(">4sB3xQQ")
 SEG_HEADER_SIZE = 2 * SEG_COPY.size
 #: Metadata larger than this is refused when writing and treated as corruption
@@ -120,9 +134,10 @@ def new_seed() -> int:
     return secrets.randbits(64)
 
 
-def segment_header(seed: int) -> bytes:
-    """The two identical header copies a segment starts with."""
-    head = struct.pack(">4sB3xQ", SEG_MAGIC, SEG_VERSION, seed)
+def segment_header(seed: int, *, preallocated: bool = False) -> bytes:
+    """The two identical header copies a segment starts with (version 3 if ``preallocated``)."""
+    version = SEG_VERSION_PREALLOC if preallocated else SEG_VERSION
+    head = struct.pack(">4sB3xQ", SEG_MAGIC, version, seed)
     one = head + xxhash.xxh64_intdigest(head).to_bytes(8, "big")
     return one + one
 
@@ -217,6 +232,10 @@ class SegmentScan:
     #: Where the records start (after the segment header, if any).
     body_start: int
     damage: list[Damaged]
+    #: A version 3 segment (zero tail = end of the log).
+    preallocated: bool = False
+    #: Where the last valid record ends (the next append goes there; damage is cut off).
+    end: int = 0
 
     @property
     def corrupt(self) -> list[Damaged]:
@@ -232,15 +251,16 @@ _OK, _NONE, _SKIP, _SHORT = range(4)
 _Parsed = tuple[int, int, "Record | None"]
 
 
-def _seg_copy(buf: bytes, off: int) -> int | None:
+def _seg_copy(buf: bytes, off: int) -> tuple[int, int] | None:
+    """(seed, version) of a header copy, or ``None`` if it is not an authentic one."""
     if len(buf) < off + SEG_COPY.size:
         return None
     magic, version, seed, check = SEG_COPY.unpack_from(buf, off)
-    if magic != SEG_MAGIC or version != SEG_VERSION:
+    if magic != SEG_MAGIC or version not in _SEG_VERSIONS:
         return None
     if xxhash.xxh64_intdigest(buf[off : off + 16]) != check:
         return None
-    return int(seed)
+    return int(seed), int(version)
 
 
 def _meta(buf: bytes, start: int, mlen: int) -> dict[str, Any] | None:
@@ -310,8 +330,15 @@ def scan(buf: bytes) -> SegmentScan:
     copies = [_seg_copy(buf, 0), _seg_copy(buf, SEG_COPY.size)]
     good = [s for s in copies if s is not None]
     parse: Callable[[bytes, int, int], _Parsed]
+    prealloc = False
+    n = len(buf)
+    #: Past the last non-zero byte (a preallocated segment's zero tail is not data).
+    data_end = n
     if good:
-        seed: int | None = good[0]
+        seed: int | None = good[0][0]
+        prealloc = good[0][1] == SEG_VERSION_PREALLOC
+        if prealloc:
+            data_end = len(buf.rstrip(b"\0"))
         legacy = False
         pos = SEG_HEADER_SIZE
         magic = MAGIC
@@ -321,15 +348,16 @@ def scan(buf: bytes) -> SegmentScan:
                 damage.append(Damaged(i * SEG_COPY.size, SEG_COPY.size, Damage.CORRUPT))
     elif SEG_MAGIC in (buf[:4], buf[SEG_COPY.size : SEG_COPY.size + 4]):
         # Both header copies damaged: without the seed no record can be verified.
-        return SegmentScan([], None, False, 0, [Damaged(0, len(buf), Damage.CORRUPT)])
+        return SegmentScan([], None, False, 0, [Damaged(0, len(buf), Damage.CORRUPT)], end=0)
     else:
         seed, legacy, pos, magic, parse = None, True, 0, LEGACY_MAGIC, _parse_legacy
     body_start = pos
     records: list[Record] = []
-    n = len(buf)
     bad_from: int | None = None
     while pos < n:
         status, end, rec = parse(buf, pos, seed or 0)
+        if status != _OK and pos >= data_end and bad_from is None:
+            break  # a preallocated segment's zero tail: the clean end of the log
         if status == _OK:
             assert rec is not None
             if bad_from is not None:
@@ -345,9 +373,39 @@ def scan(buf: bytes) -> SegmentScan:
             continue
         nxt = buf.find(magic, pos + 1)
         pos = n if nxt < 0 else nxt
+    if bad_from is not None and prealloc and bad_from >= data_end:
+        bad_from = None  # damage before the zero tail was closed by a valid record
     if bad_from is not None:
-        damage.append(Damaged(bad_from, n - bad_from, _tail_kind(buf, bad_from, seed, parse)))
-    return SegmentScan(records, seed, legacy, body_start, damage)
+        if prealloc:
+            kind = _prealloc_tail_kind(buf, bad_from, data_end, seed or 0)
+            damage.append(Damaged(bad_from, data_end - bad_from, kind))
+        else:
+            damage.append(Damaged(bad_from, n - bad_from, _tail_kind(buf, bad_from, seed, parse)))
+    last = records[-1].offset + records[-1].length if records else body_start
+    return SegmentScan(records, seed, legacy, body_start, damage, prealloc, last)
+
+
+def _prealloc_tail_kind(buf: bytes, pos: int, data_end: int, seed: int) -> Damage:
+    """A damaged tail of a preallocated segment (no valid record after ``pos``).
+
+    Pages of an append reach the disk in any order, and what did not reach it
+    reads as zeros. So a tail is TORN when the record at ``pos`` runs past what
+    was written (past EOF, or into the zero tail), or when the damaged range
+    holds an aligned all-zero sector (never written) or starts with zeros. A
+    fully written range that does not verify (a bit flip in the last record) is
+    CORRUPT.
+    """
+    status, end, _ = _parse(buf, pos, seed)
+    if status == _SHORT or (status == _SKIP and end > data_end):
+        return Damage.TORN
+    if data_end - pos < HEADER.size or buf[pos] == 0:
+        return Damage.TORN
+    zero = bytes(SECTOR)
+    first = -(-pos // SECTOR) * SECTOR
+    for at in range(first, data_end - SECTOR + 1, SECTOR):
+        if buf[at : at + SECTOR] == zero:
+            return Damage.TORN
+    return Damage.CORRUPT
 
 
 def _tail_kind(

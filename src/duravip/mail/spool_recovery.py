@@ -122,7 +122,7 @@ def recover_segment(log_dir: Path, seg: int, report: RecoveryReport) -> SegmentS
         len(res.records),
         copy.name,
     )
-    head = segment_header(res.seed) if res.seed is not None else b""
+    head = segment_header(res.seed, preallocated=res.preallocated) if res.seed is not None else b""
     clean = head + b"".join(buf[r.offset : r.offset + r.length] for r in res.records)
     tmp = seg_tmp_path(p)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
