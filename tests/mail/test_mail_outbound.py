@@ -158,3 +158,50 @@ async def test_stall_watch_sees_a_stopped_loop() -> None:
         assert w.stalled_since(t0) and w.stalls == 1
         assert not w.stalled_since(_time.monotonic())
         n.cancel_scope.cancel()
+
+
+class DelayedRecorder(Recorder):
+    """Every ``250`` to the data goes out ``delay`` late (a reply held up on the wire)."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    async def accept(self, env: Envelope) -> str:
+        qid = await super().accept(env)
+        await trio.sleep(self.delay)
+        return qid
+
+
+async def test_a_late_250_is_nudged_and_the_session_goes_on(nursery: trio.Nursery) -> None:
+    """A NOOP pipelined after the data; its reply is read before the next command."""
+    from duravip.mail.smtpclient import NUDGE_AFTER, SmtpSession, open_tcp
+    from duravip.smtp.driver import handle_connection
+    from duravip.smtp.server import ServerSettings
+
+    rec = DelayedRecorder(4 * NUDGE_AFTER)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        peer, local = stream.socket.getpeername(), stream.socket.getsockname()
+        await handle_connection(
+            stream,
+            settings=ServerSettings("sink"),
+            sink=rec,
+            peer=(peer[0], peer[1]),
+            local=(local[0], local[1]),
+        )
+
+    lst = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+    with trio.fail_after(10):
+        stream = await open_tcp("127.0.0.1", lst[0].socket.getsockname()[1])
+        s = SmtpSession(stream, timeout=5)
+        await s.start("n1")
+        env = envelope(None)
+        for i in range(3):
+            r = await s.send(env.mail_from, env.rcpt_to, env.data, nudge=True)
+            assert r.code == 250 and s.nudges == i + 1
+        rec.delay = 0
+        r = await s.send(env.mail_from, env.rcpt_to, env.data, nudge=True)
+        assert r.code == 250 and s.nudges == 3  # a prompt 250: no NOOP
+        await s.quit()
+    assert len(rec.messages) == 4

@@ -166,7 +166,7 @@ class Deliverer:
                     continue
                 self.fault(ts.DELIVER_BEFORE_DATA, msg.id)
                 res = await session.send(
-                    msg.mail_from, msg.rcpt_to, data, stalled_since=self.stalled_since
+                    msg.mail_from, msg.rcpt_to, data, stalled_since=self.stalled_since, nudge=True
                 )
                 pending.pop(0)
                 if 200 <= res.code < 300:

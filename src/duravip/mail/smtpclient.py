@@ -78,7 +78,11 @@ async def open_tcp(
     host: str, port: int, *, bind: str | None = None, timeout: float = 30.0
 ) -> trio.SocketStream:
     """Connect to ``host:port``, with the source address bound to ``bind`` if given."""
-    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+    # The source address picks the family (an IPv6 binding connects over IPv6).
+    inet6 = ":" in (bind if bind is not None else host)
+    sock = trio.socket.socket(
+        trio.socket.AF_INET6 if inet6 else trio.socket.AF_INET, trio.socket.SOCK_STREAM
+    )
     try:
         if bind is not None:
             await sock.bind((bind, 0))
@@ -90,6 +94,10 @@ async def open_tcp(
     return trio.SocketStream(sock)
 
 
+#: No reply this long after the data: send a ``NOOP`` (see ``SmtpSession.send``'s ``nudge``).
+NUDGE_AFTER = 0.025
+
+
 class SmtpSession:
     """One client session; ``timeout`` bounds every read and write."""
 
@@ -98,6 +106,10 @@ class SmtpSession:
         self.timeout = timeout
         self.proto = _Protocol()
         self._leftover = leftover
+        #: A pipelined ``NOOP`` went out after the data; its reply is still to be read.
+        self._noop_unread = False
+        #: ``NOOP``s sent after data (tests, counters).
+        self.nudges = 0
 
     async def _flush(self) -> None:
         out = self.proto.get_outgoing_data()
@@ -105,7 +117,7 @@ class SmtpSession:
             with trio.fail_after(self.timeout):
                 await self.stream.send_all(out)
 
-    async def _response(self) -> SMTPResponse:
+    async def _response(self, nudge: bool = False) -> SMTPResponse:
         while True:
             await self._flush()
             buffered = self.proto.feed_bytes(b"")  # a reply that arrived with an earlier one
@@ -114,18 +126,39 @@ class SmtpSession:
             if self._leftover:
                 data, self._leftover = self._leftover, b""
             else:
-                with trio.fail_after(self.timeout):
-                    data = bytes(await self.stream.receive_some(65536))
+                data = await self._receive(nudge)
+                nudge = False
                 if not data:
                     raise SmtpError("connection closed by server")
             resp = self.proto.feed_bytes(data)
             if resp is not None:
                 return resp
 
-    async def _cmd(self, method: Any, *args: Any) -> SMTPResponse:
+    async def _receive(self, nudge: bool) -> bytes:
+        if nudge:
+            with trio.move_on_after(NUDGE_AFTER):
+                return bytes(await self.stream.receive_some(65536))
+            # Pipelined after the data (RFC 2920: NOOP may end a command group).
+            with trio.fail_after(self.timeout):
+                await self.stream.send_all(b"NOOP\r\n")
+            self._noop_unread = True
+            self.nudges += 1
+        with trio.fail_after(self.timeout):
+            return bytes(await self.stream.receive_some(65536))
+
+    async def _cmd(self, method: Any, *args: Any, nudge: bool = False) -> SMTPResponse:
         try:
+            if self._noop_unread:
+                # Read the nudge's reply first: issued through the state machine so it
+                # expects it, but its bytes already went out.
+                self._noop_unread = False
+                self.proto.noop()
+                self.proto.get_outgoing_data()
+                r = await self._response()
+                if r.is_error():
+                    raise SmtpError(f"NOOP {r.code} {r.message}")
             method(*args)
-            return await self._response()
+            return await self._response(nudge)
         except SMTPException as exc:
             raise SmtpError(str(exc)) from exc
         except (trio.BrokenResourceError, trio.TooSlowError, OSError) as exc:
@@ -150,6 +183,7 @@ class SmtpSession:
         *,
         all_or_nothing: bool = False,
         stalled_since: Callable[[float], bool] | None = None,
+        nudge: bool = False,
     ) -> SendResult:
         """One transaction. Refusals come back in the result; a broken session raises.
 
@@ -158,6 +192,14 @@ class SmtpSession:
         ``stalled_since(t)``: if this process stood still since ``DATA`` was sent,
         give up before the data (its source IP may have moved meanwhile, and the
         reply with it; see :class:`duravip.mail.outbound.StallWatch`).
+        ``nudge``: if the reply to the data is not in after ``NUDGE_AFTER``, send a
+        ``NOOP`` (PIPELINING servers only). Why: the server holds the message
+        from its ``250`` on, and a crash here before it is read and recorded
+        makes a copy in doubt. A lost ``250`` alone is resent by the server's TCP
+        only after its retransmission timeout (200 ms or more, doubling), but
+        the ``NOOP``'s reply, a later segment, makes our TCP report the hole
+        (SACK) and the server's TCP repeats the ``250`` at once: the window
+        shrinks from hundreds of milliseconds to about one round trip.
         """
         r = await self._cmd(self.proto.mail_with, mail_from, params)
         if r.is_error():
@@ -191,7 +233,11 @@ class SmtpSession:
             if stalled_since is not None and stalled_since(t_data):
                 raise SmtpError("this process stood still before the data: not sending it")
             try:
-                r = await self._cmd(self.proto.data_raw, data)
+                r = await self._cmd(
+                    self.proto.data_raw,
+                    data,
+                    nudge=nudge and "PIPELINING" in self.proto.extensions,
+                )
             except SmtpError as exc:
                 exc.after_data = True
                 raise
