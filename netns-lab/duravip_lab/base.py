@@ -23,7 +23,24 @@ STATE_ROOT = Path(os.environ.get("LAB_STATE_ROOT", "/run/duravip-lab"))
 PKG_DIR = Path(__file__).resolve().parent
 
 #: The address ranges DuraVIPs live in; ``holds`` and ``revive`` look only here.
-DURAVIP_NETS = (ipaddress.ip_network("10.1.1.0/24"), ipaddress.ip_network("10.1.2.0/24"))
+DURAVIP_NETS = (
+    ipaddress.ip_network("10.1.1.0/24"),
+    ipaddress.ip_network("10.1.2.0/24"),
+    ipaddress.ip_network("2001:db8:1::/64"),
+    ipaddress.ip_network("2001:db8:2::/64"),
+)
+#: IPv6 on the same bridge (every member is dual-stack): ``2001:db8::/32`` is on-link
+#: (like 10.1.0.0/16), so the VIP networks 2001:db8:1::/64 and :2::/64 need no router.
+LAN6_PREFIXLEN = 32
+CLIENT_IP6 = "2001:db8::2"
+SINK_IP6 = "2001:db8::3"
+FOLLOW_IP6 = "2001:db8:2::1"
+#: An IPv6 listener that follows the IPv4 binding duravip-1: ``Duravip_Follow`` across
+#: families (``family=6`` labs).
+CROSS_FOLLOW_IP6 = "2001:db8:2::4"
+#: ... and an IPv4 listener that follows the IPv6 binding duravip6-1.
+CROSS_FOLLOW_IP = "10.1.2.6"
+POOL6 = (("pool6-a", "2001:db8:1::101"), ("pool6-b", "2001:db8:1::102"))
 CLIENT_IP = "10.1.0.2"
 SINK_IP = "10.1.0.3"
 FOLLOW_IP = "10.1.2.1"
@@ -56,6 +73,9 @@ class LabSpec:
     quorum: str = "none"
     daemon_cmd: str | None = None
     python: str = sys.executable
+    #: 4: the IPv4 lab. 6: dual-stack DuraVIPs too: IPv6 VIPs, bindings ``duravip6-<k>``,
+    #: IPv6 listeners and Topology (the network is always dual-stack; gossip stays IPv4).
+    family: int = 4
 
 
 def node_ip(i: int) -> str:
@@ -63,9 +83,29 @@ def node_ip(i: int) -> str:
     return f"10.1.0.{10 + i}"
 
 
+def node_ip6(i: int) -> str:
+    """IPv6 address of node ``n<i>`` on the bridge (not a DuraVIP)."""
+    return f"2001:db8::{10 + i}"
+
+
 def vip_ip(i: int) -> str:
     """Address of binding ``duravip-<i>``."""
     return f"10.1.1.{i}"
+
+
+def vip_ip6(i: int) -> str:
+    """Address of binding ``duravip6-<i>`` (``family=6`` labs)."""
+    return f"2001:db8:1::{i}"
+
+
+def vip_for(i: int, family: int = 4) -> str:
+    """The ``i``-th DuraVIP of a family: what a script probes or crashes the holder of."""
+    return vip_ip6(i) if family == 6 else vip_ip(i)
+
+
+def hostport(ip: str, port: int) -> str:
+    """``ip:port``, with brackets for IPv6 (the probe and the configs take this form)."""
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def in_duravip_ranges(ip: str) -> bool:

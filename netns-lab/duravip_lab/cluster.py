@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .base import PKG_DIR, SINK_IP, LabError, LabSpec, proc_stat
+from .base import PKG_DIR, SINK_IP, SINK_IP6, LabError, LabSpec, proc_stat
 from .config import render_config
 from .topology import Topology
 
@@ -139,6 +139,7 @@ class Cluster(Topology):
         argv = [
             self.spec.python, str(PKG_DIR / "sink.py"),
             "--listen", f"{SINK_IP}:25",
+            "--listen", f"[{SINK_IP6}]:25",
             "--log", str(self.sink_log_path),
             "--ready", str(ready),
         ]  # fmt: skip

@@ -12,14 +12,20 @@ from typing import Any
 
 from .base import (
     CLUSTER_PORT,
+    CROSS_FOLLOW_IP,
+    CROSS_FOLLOW_IP6,
     FOLLOW_IP,
+    FOLLOW_IP6,
     GOSSIP_PORT,
     METRICS_PORT,
     POOL,
+    POOL6,
     SINK_IP,
+    SINK_IP6,
     LabSpec,
     node_ip,
     vip_ip,
+    vip_ip6,
 )
 
 
@@ -27,6 +33,7 @@ def render_config(spec: LabSpec, i: int, state_dir: Path) -> str:
     """The configuration file of node ``n<i>``, in the stanza syntax of SPEC section 2."""
     n = spec.nodes
     me = node_ip(i)
+    v6 = getattr(spec, "family", 4) == 6
     node_dir = state_dir / f"n{i}"
     peers = " ".join(f'"{node_ip(j)}:{GOSSIP_PORT}"' for j in range(1, n + 1) if j != i)
     lines = [
@@ -44,18 +51,38 @@ def render_config(spec: LabSpec, i: int, state_dir: Path) -> str:
         f'  quorum = "{spec.quorum}"',
         '  Topology "10.1.1.0/24" { cidrmask = 32 interface = "eth1" }',
         '  Topology "10.1.2.0/24" { interface = "eth1" }',
+        *(
+            [
+                '  Topology "2001:db8:1::/64" { cidrmask = 128 interface = "eth1" }',
+                '  Topology "2001:db8:2::/64" { interface = "eth1" }',
+            ]
+            if v6
+            else []
+        ),
         "}",
         "use_iflist_cache = false",
         f'Spool {{ path = "{node_dir / "spool"}" }}',
         f'Control_Listener {{ Listen "{node_dir / "control.sock"}" {{ mode = "0600" }} }}',
         f'ECCluster_Listener {{ Listen "{me}:{CLUSTER_PORT}" {{ }} }}',
-        f'Delivery {{ smarthost = "{SINK_IP}:25" }}',
+        f'Delivery {{ smarthost = "{SINK_IP}:25"'
+        + (f' smarthost6 = "[{SINK_IP6}]:25"' if v6 else "")
+        + " }",
         f'Metrics {{ Listen "{me}:{METRICS_PORT}" }}',
         "ESMTP_Listener {",
     ]
     lines += [
         f'  Listen "{vip_ip(k)}:25" {{ Enable_Duravip = true }}' for k in range(1, spec.vips + 1)
     ]
+    if v6:
+        lines += [
+            f'  Listen "[{vip_ip6(k)}]:25" {{ Enable_Duravip = true }}'
+            for k in range(1, spec.vips + 1)
+        ]
+        lines += [
+            f'  Listen "[{FOLLOW_IP6}]:25" {{ Duravip_Follow = "duravip6-1" }}',
+            f'  Listen "[{CROSS_FOLLOW_IP6}]:25" {{ Duravip_Follow = "duravip-1" }}',
+            f'  Listen "{CROSS_FOLLOW_IP}:25" {{ Duravip_Follow = "duravip6-1" }}',
+        ]
     lines += [
         f'  Listen "{FOLLOW_IP}:25" {{ Duravip_Follow = "duravip-1" }}',
         f'  Listen "{me}:25" {{ }}',
@@ -67,11 +94,23 @@ def render_config(spec: LabSpec, i: int, state_dir: Path) -> str:
             f'Binding "duravip-{k}" {{ Enable_Duravip = true  Bind_Address = "{vip_ip(k)}"'
             f'  Duravip_Preference = "{pref}" }}'
         )
+        if v6:
+            lines.append(
+                f'Binding "duravip6-{k}" {{ Enable_Duravip = true  Bind_Address = "{vip_ip6(k)}"'
+                f'  Duravip_Preference = "{pref}" }}'
+            )
     lines.append('Binding_Group "pool" {')
     lines += [
         f'  Binding "{b}" {{ Enable_Duravip = true Bind_Address = "{ip}" }}' for b, ip in POOL
     ]
     lines.append("}")
+    if v6:
+        lines.append('Binding_Group "pool6" {')
+        lines += [
+            f'  Binding "{b}" {{ Enable_Duravip = true Bind_Address = "{ip}" }}'
+            for b, ip in POOL6
+        ]
+        lines.append("}")
     return "\n".join(lines) + "\n"
 
 
@@ -134,8 +173,8 @@ def with_operator(
 # --- reading the configs back (for `status`) ---------------------------------------------------
 
 _BINDING_RE = re.compile(r'Binding\s+"?([\w.#-]+)"?\s*\{([^{}]*)\}', re.IGNORECASE)
-_LISTEN_RE = re.compile(r'Listen\s+"?([\w.:/-]+)"?\s*\{([^{}]*)\}', re.IGNORECASE)
-_BIND_ADDR_RE = re.compile(r'Bind_Address\s*=\s*"?([\d.]+)"?', re.IGNORECASE)
+_LISTEN_RE = re.compile(r'Listen\s+"?([\w.:/\[\]-]+)"?\s*\{([^{}]*)\}', re.IGNORECASE)
+_BIND_ADDR_RE = re.compile(r'Bind_Address\s*=\s*"?([\da-fA-F.:]+)"?', re.IGNORECASE)
 _ENABLE_RE = re.compile(r'Enable_Duravip\s*=\s*"?(true|yes|1)"?', re.IGNORECASE)
 _FOLLOW_RE = re.compile(r'Duravip_Follow\s*=\s*"?([\w.#-]+)"?', re.IGNORECASE)
 
@@ -178,5 +217,5 @@ def scan_config(text: str) -> dict[str, Any]:
         duravip = bool(_ENABLE_RE.search(body))
         listeners[where] = {"duravip": duravip, "follow": follow.group(1) if follow else None}
         if duravip or follow:
-            vips.add(where.rsplit(":", 1)[0])
+            vips.add(where.rsplit(":", 1)[0].strip("[]"))
     return {"bindings": bindings, "listeners": listeners, "vips": vips}

@@ -23,6 +23,8 @@ from .base import (
     SINK_IP,
     LabError,
     LabSpec,
+    hostport,
+    vip_for,
 )
 from .config import scan_config
 from .faults import Faults
@@ -39,8 +41,12 @@ class Lab(Faults):
         quorum: str = "none",
         daemon_cmd: str | None = None,
         python: str | None = None,
+        family: int = 4,
     ) -> Lab:
         """Build namespaces, bridge, configs and keyring, and start the sink.
+
+        The network is always dual-stack; ``family=6`` adds IPv6 DuraVIPs to the
+        configs (``duravip6-<k>`` at ``2001:db8:1::<k>``, see ``vip``).
 
         On any failure everything made so far is removed before the error propagates.
         """
@@ -52,12 +58,14 @@ class Lab(Faults):
             raise LabError("--profile must be fast, lan or wan")
         if quorum not in ("none", "majority"):
             raise LabError("--quorum must be none or majority")
+        if family not in (4, 6):
+            raise LabError("--family must be 4 or 6")
         if os.geteuid() != 0:
             raise LabError("the lab needs root (network namespaces)")
         if self.exists():
             raise LabError(f"lab {self.name!r} already exists; run `lab down --name {self.name}`")
         spec = LabSpec(
-            self.name, nodes, vips, profile, quorum, daemon_cmd, python or sys.executable
+            self.name, nodes, vips, profile, quorum, daemon_cmd, python or sys.executable, family
         )
         try:
             self.write_state(spec)
@@ -87,15 +95,29 @@ class Lab(Faults):
         timeout: float = 0.5,
         until_ok: bool = False,
     ) -> list[dict[str, Any]]:
-        """From the client: connect every ``interval`` for ``seconds``, read the banner."""
+        """From the client: connect every ``interval`` for ``seconds``, read the banner.
+
+        ``ip`` may be IPv6 (e.g. ``lab.vip(1, family=6)``).
+        """
         argv = [
-            self.spec.python, str(PKG_DIR / "probe.py"), f"{ip}:{port}",
+            self.spec.python, str(PKG_DIR / "probe.py"), hostport(ip, port),
             "--interval", str(interval), "--seconds", str(seconds), "--timeout", str(timeout),
             *(["--until-ok"] if until_ok else []),
         ]  # fmt: skip
         p = self.exec("client", argv, check=True, timeout=seconds + timeout + 30)
         recs = [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
         return sorted(recs, key=lambda r: r["t"])  # concurrent tries finish out of order
+
+    def vip(self, k: int = 1, family: int | None = None) -> str:
+        """The ``k``-th DuraVIP (binding ``duravip-<k>``, or ``duravip6-<k>`` for family 6).
+
+        ``family`` defaults to the lab's: a script given ``--family 6`` builds the lab with
+        ``up(family=6)`` and then probes ``lab.vip(1)`` and crashes its holder.
+        """
+        fam = self.spec.family if family is None else family
+        if fam == 6 and self.spec.family != 6:
+            raise LabError("this lab has no IPv6 DuraVIPs; build it with up(family=6)")
+        return vip_for(k, fam)
 
     def status(self) -> dict[str, Any]:
         spec = self.spec
@@ -128,7 +150,8 @@ class Lab(Faults):
             "nodes": nodes,
             "sink": {"ip": SINK_IP, "running": self.running("sink"), "pid": self.pid("sink")},
             "client": {"ip": CLIENT_IP},
-            "vips": sorted(vips, key=ipaddress.ip_address),
+            "family": spec.family,
+            "vips": sorted(vips, key=lambda a: (":" in a, ipaddress.ip_address(a))),
             "bindings": bindings,
             "listeners": listeners,
         }

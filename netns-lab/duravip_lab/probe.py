@@ -80,6 +80,11 @@ def main() -> None:
     )
     args = ap.parse_args()
     ip, _, port = args.target.partition(":")
+    if args.target.startswith("["):  # [2001:db8:1::1]:25 (IPv6)
+        ip, _, port = args.target[1:].partition("]")
+        port = port.lstrip(":")
+    elif args.target.count(":") > 1:  # a bare IPv6 address
+        ip, port = args.target, ""
     interval = max(args.interval, 0.001)
     start = time.monotonic()
     max_tries = int(args.seconds / interval) + 1

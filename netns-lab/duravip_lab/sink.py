@@ -133,11 +133,15 @@ async def session(
 
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--listen", default="10.1.0.3:25")
+    ap.add_argument(
+        "--listen",
+        action="append",
+        help="ip:port or [ipv6]:port; repeat for several (default 10.1.0.3:25)",
+    )
     ap.add_argument("--log", type=Path, required=True)
     ap.add_argument("--ready", type=Path, default=None, help="file created once listening")
     args = ap.parse_args()
-    host, _, port = args.listen.rpartition(":")
+    listen = args.listen or ["10.1.0.3:25"]
     rec = Recorder(args.log)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -150,15 +154,23 @@ async def main() -> None:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    server = await asyncio.start_server(handle, host, int(port), backlog=4096, limit=MAX_LINE)
+    servers = []
+    for where in listen:
+        host, _, port = where.rpartition(":")
+        host = host.strip("[]")  # [2001:db8::3]:25
+        servers.append(
+            await asyncio.start_server(handle, host, int(port), backlog=4096, limit=MAX_LINE)
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if args.ready:
         args.ready.touch()
-    print(f"sink: listening on {args.listen}", flush=True)
-    async with server:
+    print(f"sink: listening on {' '.join(listen)}", flush=True)
+    async with contextlib.AsyncExitStack() as stack:
+        for server in servers:
+            await stack.enter_async_context(server)
         await stop.wait()
 
 

@@ -19,15 +19,19 @@ from pathlib import Path
 
 from .base import (
     CLIENT_IP,
+    CLIENT_IP6,
     DURAVIP_NETS,
+    LAN6_PREFIXLEN,
     NAME_RE,
     SINK_IP,
+    SINK_IP6,
     STATE_ROOT,
     LabError,
     LabSpec,
     in_duravip_ranges,
     list_namespaces,
     node_ip,
+    node_ip6,
     run,
 )
 
@@ -81,6 +85,15 @@ class Topology:
         self.ns(member)
         return node_ip(int(member[1:]))
 
+    def ip6(self, member: str) -> str:
+        """The member's IPv6 address on the bridge (every member is dual-stack)."""
+        if member == "client":
+            return CLIENT_IP6
+        if member == "sink":
+            return SINK_IP6
+        self.ns(member)
+        return node_ip6(int(member[1:]))
+
     def config_path(self, node: str) -> Path:
         self._node(node)
         return self.state_dir / node / f"{node}.conf"
@@ -122,9 +135,28 @@ class Topology:
                 f"link set p-{m} up",
             ]
         run(["ip", "-n", sw, "-batch", "-"], input="\n".join(batch) + "\n")
+        # IPv6 inside the lab only: no DAD (an address is usable at once, as DuraVIPs
+        # are with IFA_F_NODAD), and the bridge neither routes nor autoconfigures.
+        self._sysctl(sw, "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
         for m in self.members:
-            cmds = ["link set lo up", f"addr add {self.ip(m)}/16 dev eth1", "link set eth1 up"]
+            self._sysctl(
+                self.ns(m),
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+                "net.ipv6.conf.eth1.accept_dad=0",
+                "net.ipv6.conf.eth1.accept_ra=0",
+            )
+            cmds = [
+                "link set lo up",
+                f"addr add {self.ip(m)}/16 dev eth1",
+                f"addr add {self.ip6(m)}/{LAN6_PREFIXLEN} dev eth1 nodad",
+                "link set eth1 up",
+            ]
             run(["ip", "-n", self.ns(m), "-batch", "-"], input="\n".join(cmds) + "\n")
+
+    def _sysctl(self, ns: str, *settings: str) -> None:
+        """``sysctl -w`` inside ``ns`` (net.* is per namespace; never the root one)."""
+        run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", *settings])
 
     def delete_namespaces(self) -> list[str]:
         """Delete exactly the namespaces named after this lab; returns the errors."""
@@ -159,14 +191,14 @@ class Topology:
             run(["ip", "-n", self.ns(member), "addr", "flush", "dev", "eth1", "to", str(net)])
 
     def holds(self, member: str) -> list[str]:
-        """DuraVIP-range addresses present on the member's eth1."""
-        out = run(["ip", "-n", self.ns(member), "-j", "-4", "addr", "show", "dev", "eth1"]).stdout
+        """DuraVIP-range addresses (IPv4 first, then IPv6) present on the member's eth1."""
+        out = run(["ip", "-n", self.ns(member), "-j", "addr", "show", "dev", "eth1"]).stdout
         found = []
         for link in json.loads(out or "[]"):
             for a in link.get("addr_info", []):
                 if in_duravip_ranges(a["local"]):
                     found.append(a["local"])
-        return sorted(found, key=ipaddress.ip_address)
+        return sorted(found, key=lambda a: (":" in a, ipaddress.ip_address(a)))
 
     # --- running things inside ---
 

@@ -47,7 +47,7 @@ def v6_up(lab: Lab) -> None:
             ns,
             "addr",
             "add",
-            "2001:db8:9::ff00:%d/64" % (1 if ns == lab.a else 2),
+            f"2001:db8:9::ff00:{1 if ns == lab.a else 2}/64",
             "dev",
             "eth1",
             "nodad",

@@ -127,6 +127,8 @@ class ClusterConfig:
     profile: Profile = "lan"
     timers: Timers = PRESETS["lan"]
     arp_all_hosts: bool = True
+    #: IPv6: set the Router flag in unsolicited neighbour advertisements.
+    na_router_flag: bool = False
     unconditional_rebind: bool = True
     view_mature_time: float = 2.0
     quorum: Quorum = "none"
@@ -207,6 +209,9 @@ class ControlConfig:
 @frozen
 class DeliveryConfig:
     smarthost: HostPort | None = None
+    #: Where deliveries from IPv6 bindings go (unset: ``smarthost``, which must then
+    #: be IPv6 too: a source address of one family cannot reach the other).
+    smarthost6: HostPort | None = None
     retry_base: float = 1.0
     retry_max: float = 300.0
     concurrency: int = 4

@@ -106,7 +106,9 @@ class Node:
         self.handle_signals = handle_signals
         #: How the node gets its plumber: netlink in production, a fake in tests.
         self._open_plumber: PlumberFactory = plumber or (
-            lambda c: open_netlink_plumber(use_iflist_cache=c.use_iflist_cache)
+            lambda c: open_netlink_plumber(
+                use_iflist_cache=c.use_iflist_cache, na_router=c.cluster.na_router_flag
+            )
         )
         self.state = NodeState(
             config=config,

@@ -371,13 +371,15 @@ class MailService:
     ) -> None:
         try:
             async with limiter:
+                b = self.config.binding(binding) if binding != DEFAULT else None
+                bind = str(b.bind_address) if b is not None and b.bind_address else None
                 smarthost = self.config.delivery.smarthost
+                if b is not None and b.bind_address and b.bind_address.version == 6:
+                    smarthost = self.config.delivery.smarthost6 or smarthost  # same family
                 if smarthost is None:
                     for m in msgs:
                         await self._deliverer.defer(m, "no smarthost configured")
                     return
-                b = self.config.binding(binding) if binding != DEFAULT else None
-                bind = str(b.bind_address) if b is not None and b.bind_address else None
                 await self._deliverer.deliver_batch(smarthost, bind, msgs)
         except SpoolError as exc:
             log.error("delivery: spool write failed: %s", exc)

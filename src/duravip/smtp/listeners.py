@@ -242,7 +242,8 @@ class ListenerManager:
         tls_error = self._tls.error(addr)
         if tls_error is not None:
             raise tls_error  # an OSError: "cannot listen", as for a bind error
-        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             await sock.bind(addr)
@@ -413,8 +414,8 @@ class ListenerManager:
 
     async def _session(self, stream: trio.SocketStream, running: _Running, peer_ip: str) -> None:
         try:
-            peer = stream.socket.getpeername()
-            local = stream.socket.getsockname()
+            peer = stream.socket.getpeername()[:2]  # IPv6 names are 4-tuples
+            local = stream.socket.getsockname()[:2]
             # This session's TLS context: a reload during it changes only later ones.
             tls = self._tls.get(running.addr)
             await handle_connection(

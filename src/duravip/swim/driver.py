@@ -288,8 +288,9 @@ async def serve(
     ``epoch`` (default: the wall clock in ns) must grow from one run of the node to
     the next: peers reject frames of an older boot as replays.
     """
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    tcp = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    family = socket.AF_INET6 if ":" in bind[0] else socket.AF_INET  # an IPv6 main address
+    udp = socket.socket(family, socket.SOCK_DGRAM)
+    tcp = trio.socket.socket(family, socket.SOCK_STREAM)
     with udp, tcp:
         udp.setblocking(False)
         ip_recverr = getattr(socket, "IP_RECVERR", 11)  # Linux value when Python lacks it
