@@ -3,14 +3,13 @@ torn appends into it are told from corruption, and the spool keeps space allocat
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import trio
 
 from duravip.mail.spool import NewMessage, Spool
-from duravip.mail.spool_files import seg_path
+from duravip.mail.spool_files import ZeroFill, seg_path
 from duravip.mail.spool_format import (
     SECTOR,
     SEG_COPY,
@@ -150,8 +149,14 @@ async def test_spool_preallocates_appends_in_place_and_reopens_clean(tmp_path: P
         ids = [await sp.store(new(f"m{i}\r\n".encode() * 40)) for i in range(3)]
         assert seg.stat().st_size == size0  # overwritten in place, not grown
         ids += [await sp.store(new(b"x" * 3000)) for _ in range(10)]
-        assert seg.stat().st_size > size0  # kept allocated ahead of the appends
+        for _ in range(200):  # the zero fill runs in its thread
+            if seg.stat().st_size - sp._active_size >= 4096:
+                break
+            await trio.sleep(0.01)
+        assert seg.stat().st_size > size0  # kept written ahead of the appends
         assert seg.stat().st_size - sp._active_size >= 4096
+        ahead = seg.read_bytes()[sp._active_size :]
+        assert ahead == bytes(len(ahead))
         sp.close()
         sp = Spool.open(tmp_path, preallocate=8192)
         assert [m.id for m in sp.iter()] == ids
@@ -217,19 +222,25 @@ async def test_rotation_and_switching_preallocation_off(tmp_path: Path) -> None:
         sp.close()
 
 
-async def test_no_fallocate_falls_back_to_appends(
+async def test_a_failed_zero_fill_falls_back_to_appends(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with trio.fail_after(20):
         sp = Spool.open(tmp_path, preallocate=4096)
         first = await sp.store(new(b"a\r\n"))
 
-        def refuse(fd: int, offset: int, length: int) -> None:
-            raise OSError(95, "Operation not supported")
+        def refuse(self: ZeroFill, fd: int, buf: object) -> None:
+            raise OSError(28, "No space left on device")
 
-        monkeypatch.setattr(os, "posix_fallocate", refuse)
-        ids = [first] + [await sp.store(new(b"y" * 2000)) for _ in range(6)]
-        assert sp.preallocate == 0
+        monkeypatch.setattr(ZeroFill, "_fill", refuse)
+        ids = [first]
+        for _ in range(40):
+            ids.append(await sp.store(new(b"y" * 2000)))
+            if sp._pre.step == 0:
+                break
+            await trio.sleep(0.01)
+        assert sp._pre.step == 0  # told once, then plain appends
+        ids += [await sp.store(new(b"z" * 2000)) for _ in range(3)]
         sp.close()
         monkeypatch.undo()
         sp = Spool.open(tmp_path, preallocate=4096)
@@ -237,3 +248,15 @@ async def test_no_fallocate_falls_back_to_appends(
         assert (sp.recovery.torn_tails, sp.recovery.corrupt_regions) == (0, 0)
         sp.close()
 
+
+
+def test_zero_fill_never_writes_below_its_start(tmp_path: Path) -> None:
+    p = tmp_path / "f"
+    data = b"r" * 5000  # not block-aligned
+    p.write_bytes(data)
+    job = ZeroFill(p, len(data), 10000)
+    assert job.done.wait(10) and job.error is None
+    assert job.start == 8192 and job.end == 8192 + 12288
+    buf = p.read_bytes()
+    assert buf[:5000] == data and buf[5000:] == bytes(len(buf) - 5000)
+    assert len(buf) == job.end

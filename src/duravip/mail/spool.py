@@ -32,6 +32,7 @@ import trio
 from attrs import Factory, define, field
 
 from duravip.mail.spool_files import (
+    Preallocator,
     create_segment_file,
     fsync_dir,
     prepare_dirs,
@@ -74,8 +75,8 @@ log = logging.getLogger(__name__)
 class Spool:
     """Open with :meth:`open`; use from one Trio run only."""
 
-    #: ``preallocate`` of the daemon's spool (``mail.service``): one ``fallocate`` and one
-    #: size-changing flush per 4 MiB of log; at most that much unused space per segment.
+    #: ``preallocate`` of the daemon's spool (``mail.service``): zeros written ahead in
+    #: 4 MiB steps (one size-changing flush per step); at most that much unused per segment.
     DAEMON_PREALLOCATE: ClassVar[int] = 4 << 20
 
     root: Path
@@ -86,10 +87,9 @@ class Spool:
     _fds: dict[int, int] = Factory(dict)
     _active: int = 0
     _active_size: int = 0
-    #: Size of the active segment's file (past ``_active_size`` when preallocated).
-    _file_end: int = 0
     #: Bytes kept allocated ahead of the appends (0: append-only segments), see ``open``.
     preallocate: int = 0
+    _pre: Preallocator = Factory(lambda self: Preallocator(self.preallocate), takes_self=True)
     _wfd: int = -1
     _open_batch: _Batch = Factory(_Batch)
     #: The last sealed batch (completion is chained in write order).
@@ -146,9 +146,9 @@ class Spool:
         """Recover the queue from ``path`` (created if missing). Blocking: call at start-up.
 
         ``preallocate`` > 0: new segments are preallocated (format version 3) and
-        kept that many bytes ahead of the appends, in ``fallocate`` steps of that
-        size, so a flush overwrites allocated space instead of growing the file
-        (``fdatasync`` about 25-30% faster on the VM disk, see docs/mail.md).
+        kept about that many bytes of written zeros ahead of the appends (steps of
+        that size, see ``spool_files.ZeroFill``), so a flush overwrites written
+        space instead of growing the file and never waits for the journal.
         """
         self = cls(Path(path), segment_size, seen_ttl, max_segments, preallocate=preallocate)
         prepare_dirs(self.root, (self.log_dir, self.bounce_dir))
@@ -160,7 +160,7 @@ class Spool:
             self._active = segs[-1]
             self._active_size = res.end
             self._wfd = os.open(self._seg_path(self._active), os.O_WRONLY)
-            self._file_end = os.fstat(self._wfd).st_size
+            self._pre.reset(self._active, os.fstat(self._wfd).st_size)
         else:
             # New spool, or the last segment is legacy/unreadable (never appended to), or
             # of the other kind (preallocated or not) than asked for: a new segment.
@@ -184,12 +184,13 @@ class Spool:
         self._fds[seg] = os.open(p, os.O_RDONLY)
         self._active = seg
         self._active_size = len(head)
-        self._file_end = os.fstat(wfd).st_size
+        self._pre.reset(seg, os.fstat(wfd).st_size)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self._pre.close()
         os.close(self._wfd)
         for fd in self._fds.values():
             os.close(fd)
@@ -336,6 +337,9 @@ class Spool:
                         await self._sync_changed.wait()
                     self._prune_seen()
                 b.epoch = self._epoch
+                end = self._active_size + sum(len(it.data) for it in b.items)
+                while not rotate and self._pre.ahead(self._active, end):
+                    await trio.sleep(0.0005)  # appends outran the zero fill (never seen)
                 try:
                     if rotate:
                         placed = await trio.to_thread.run_sync(self._write_sync, b.items, rotate)
@@ -390,7 +394,6 @@ class Spool:
         start = self._active_size
         buf = b"".join(it.data for it in items)
         try:
-            self._preallocate_for(start + len(buf))
             pwrite_all(self._wfd, buf, start)
         except OSError:
             self._roll_back(start)
@@ -401,22 +404,8 @@ class Spool:
             placed.append((self._active, off))
             off += len(it.data)
         self._active_size = off
+        self._pre.wrote(self._seg_path(self._active), self._active, off, self.segment_size)
         return placed
-
-    def _preallocate_for(self, end: int) -> None:
-        """Keep ``preallocate`` bytes allocated past ``end`` (one ``fallocate`` per step:
-        about 30 µs, and one flush that commits the new size). Not past the segment size."""
-        step = self.preallocate
-        if not step or end + step // 2 <= self._file_end or self._file_end >= self.segment_size:
-            return
-        grow = max(step, end - self._file_end + step // 2)
-        try:
-            os.posix_fallocate(self._wfd, self._file_end, grow)
-        except OSError as exc:  # e.g. no fallocate on this file system: plain appends
-            log.warning("spool: cannot preallocate the log (%s); appending instead", exc)
-            self.preallocate = 0
-            return
-        self._file_end += grow
 
     def _roll_back(self, start: int) -> None:
         """Truncate the active segment to ``start``; later batches are void (new epoch)."""
@@ -427,7 +416,8 @@ class Spool:
             self._broken = f"cannot roll back a failed append: {exc}"
             return
         self._rollbacks.append((self._epoch, self._active, start))
-        self._active_size = self._file_end = start
+        self._active_size = start
+        self._pre.reset(self._active, start)
         self._epoch += 1
 
     def _rolled_back(self, b: _Batch) -> bool:
