@@ -1,5 +1,6 @@
-"""The durable ingest path's group-commit flush: inline while the disk is fast, a worker
-thread after a slow flush, and durability unchanged either way."""
+"""The durable ingest path's group-commit flush: a worker thread waited for at most 1 ms
+synchronously (then asynchronously, and only asynchronously for a while after a slow one),
+and durability unchanged either way."""
 
 from __future__ import annotations
 
@@ -63,44 +64,76 @@ async def test_fast_flushes_run_inline_without_a_thread_hop(
     again.close()
 
 
-async def test_a_slow_flush_sends_the_next_ones_to_a_thread(
+async def test_a_slow_flush_never_blocks_the_loop_and_the_next_ones_skip_the_wait(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    durations = iter([0.12, 0.0, 0.0, 0.0, 0.0, 0.0])
+    durations = iter([1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
     monkeypatch.setattr(os, "fdatasync", lambda fd: time.sleep(next(durations)))
-    runner = FlushRunner(inline_below=0.06, backoff=3)  # wide margins: a loaded machine
+    runner = FlushRunner(inline_below=0.2, backoff=3)  # wide margins: a loaded machine
     hops = _count_thread_hops(monkeypatch)
     ways = []
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while True:
+            await trio.sleep(0.005)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
     with trio.fail_after(10):
-        for _ in range(6):
-            before = runner.threaded
-            await runner.fdatasync(0)
-            ways.append("thread" if runner.threaded > before else "inline")
-    # The slow one ran inline (nothing announced it), then `backoff` flushes in the
-    # thread, then inline again.
-    assert ways == ["inline", "thread", "thread", "thread", "inline", "inline"]
-    assert len(hops) == 3
+        async with trio.open_nursery() as n:
+            n.start_soon(ticker)
+            await trio.sleep(0.02)
+            for _ in range(6):
+                before = runner.threaded
+                await runner.fdatasync(0)
+                ways.append("async" if runner.threaded > before else "waited")
+            n.cancel_scope.cancel()
+    # The slow one (1 s) was waited for 0.2 s, then asynchronously: the loop kept
+    # running (the old inline flush blocked it for the whole second). Then `backoff`
+    # flushes skip the bounded wait, then it is used again.
+    assert max(gaps) < 0.6, max(gaps)
+    assert ways == ["async", "async", "async", "async", "waited", "waited"]
+    assert hops == []  # long-lived workers, no trio.to_thread hop
+    runner.close()
 
 
-async def test_a_slow_threaded_flush_keeps_them_in_the_thread(
+async def test_a_slow_flush_in_the_back_off_keeps_skipping_the_wait(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    durations = iter([0.12, 0.0, 0.12, 0.0, 0.0, 0.0])
+    durations = iter([0.5, 0.0, 0.5, 0.0, 0.0, 0.0])
     monkeypatch.setattr(os, "fdatasync", lambda fd: time.sleep(next(durations)))
-    runner = FlushRunner(inline_below=0.06, backoff=2)
+    runner = FlushRunner(inline_below=0.2, backoff=2)  # wide margins: a loaded machine
     with trio.fail_after(10):
         for _ in range(6):
             await runner.fdatasync(0)
-    # inline (slow), thread, thread (slow: back-off again), thread, thread, inline
-    assert (runner.inline, runner.threaded) == (2, 4)
+    # slow (async), async, async (slow: back-off again), async, async, waited
+    assert (runner.inline, runner.threaded) == (1, 5)
+    runner.close()
 
 
-async def test_inline_flush_disabled_with_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_bounded_wait_disabled_with_zero(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "fdatasync", lambda fd: None)
     runner = FlushRunner(inline_below=0)
     with trio.fail_after(10):
         await runner.fdatasync(0)
     assert (runner.inline, runner.threaded) == (0, 1)
+    runner.close()
+
+
+async def test_a_failed_flush_raises_either_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+    with trio.fail_after(10):
+        for wait in (10.0, 0.0):
+            runner = FlushRunner(inline_below=wait)
+            with pytest.raises(OSError, match="Input/output"):
+                await runner.fdatasync(0)
+            runner.close()
 
 
 async def test_a_failed_inline_flush_fails_the_batch_and_nothing_is_acknowledged(

@@ -191,6 +191,7 @@ class Spool:
             return
         self._closed = True
         self._pre.close()
+        self.flusher.close()
         os.close(self._wfd)
         for fd in self._fds.values():
             os.close(fd)
