@@ -109,6 +109,35 @@ def lab_session(name: str, **up: Any) -> Iterator[Lab]:
             signal.signal(signal.SIGTERM, old)
 
 
+#: A busy loop that ends by itself after ``argv[1]`` seconds (a bound if we die unkilled).
+_BUSY = "import sys, time\nend = time.monotonic() + float(sys.argv[1])\nwhile time.monotonic() < end:\n    pass\n"
+
+
+@contextlib.contextmanager
+def cpu_load(n: int, bound_s: float) -> Iterator[list[int]]:
+    """``n`` busy-loop processes on the host while the block runs (their PIDs yielded).
+
+    Each exits by itself after ``bound_s``; all are killed by PID on the way out.
+    They run in the root namespace but touch no network: CPU only.
+    """
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for _ in range(max(0, n)):
+            procs.append(
+                subprocess.Popen([sys.executable, "-c", _BUSY, f"{bound_s:g}"], close_fds=True)
+            )
+        if procs:
+            log(f"cpu load: {n} busy loops, pids {[p.pid for p in procs]}")
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(5)
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 

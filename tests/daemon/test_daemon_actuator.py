@@ -7,7 +7,7 @@ from ipaddress import IPv4Address
 
 import trio
 
-from duravip.daemon.actuator import ActuatorContext, NodeActuator
+from duravip.daemon.actuator import CLOSE_GRACE, ActuatorContext, NodeActuator
 
 A, B, C = (IPv4Address(f"10.0.0.{i}") for i in (1, 2, 3))
 
@@ -34,17 +34,21 @@ class FakeListeners:
     def __init__(self, log: Log, broken: frozenset[IPv4Address] = frozenset()) -> None:
         self.log, self.broken = log, broken
 
-    async def start_ip(self, ip: IPv4Address) -> None:
+    async def start_ip(self, ip: IPv4Address, *, freebind: bool = False) -> None:
         if ip in self.broken:
             raise OSError(98, "Address already in use")
-        self.log.events.append(("start", ip))
+        self.log.events.append(("start", ip) if freebind else ("start-bound-only", ip))
+
+    async def quiesce_ip(self, ip: IPv4Address, drain_timeout: float) -> None:
+        await trio.sleep(0.01)
+        self.log.events.append(("quiesce", (ip, drain_timeout)))
 
     async def stop_ip(self, ip: IPv4Address, drain_timeout: float) -> None:
         await trio.sleep(0.01)
         self.log.events.append(("stop", (ip, drain_timeout)))
 
 
-async def test_acquire_plumbs_then_starts_and_drops_ips_whose_listeners_fail() -> None:
+async def test_acquire_binds_freely_then_plumbs_and_drops_ips_it_cannot_serve() -> None:
     log = Log()
     act = NodeActuator(
         ActuatorContext(
@@ -56,11 +60,12 @@ async def test_acquire_plumbs_then_starts_and_drops_ips_whose_listeners_fail() -
     with trio.fail_after(5):
         got = await act.acquire(frozenset({A, B, C}))
     assert got == {A}
-    # C never got plumbed; B did but its listener failed: unplumbed again.
-    assert log.events == [("plumb", {A, B}), ("start", A), ("unplumb", {B})]
+    # Listeners first (freebind: before the address exists); B's failed, so B is never
+    # plumbed; C could not be plumbed, so its listener stops again.
+    assert log.events == [("start", A), ("start", C), ("plumb", {A}), ("stop", (C, 0.0))]
 
 
-async def test_release_drains_listeners_before_unplumbing_with_the_current_drain_timeout() -> None:
+async def test_release_drains_before_unplumbing_and_closes_the_sockets_only_after() -> None:
     log = Log()
     drain = [2.5]
     act = NodeActuator(
@@ -72,5 +77,9 @@ async def test_release_drains_listeners_before_unplumbing_with_the_current_drain
         await act.release(frozenset({A, B}))
         drain[0] = 0.5  # a reload changed cluster.drain_timeout
         await act.release(frozenset({C}))
-    assert sorted(log.events[:2]) == [("stop", (A, 2.5)), ("stop", (B, 2.5))]
-    assert log.events[2:] == [("unplumb", {A, B}), ("stop", (C, 0.5)), ("unplumb", {C})]
+    # Drain (with the current drain_timeout) while the sockets accept, unplumb, then
+    # close: a SYN between the close and the unplumb would have met a reset.
+    assert sorted(log.events[:2]) == [("quiesce", (A, 2.5)), ("quiesce", (B, 2.5))]
+    assert log.events[2] == ("unplumb", {A, B})
+    assert sorted(log.events[3:5]) == [("stop", (A, CLOSE_GRACE)), ("stop", (B, CLOSE_GRACE))]
+    assert log.events[5:] == [("quiesce", (C, 0.5)), ("unplumb", {C}), ("stop", (C, 0.2))]

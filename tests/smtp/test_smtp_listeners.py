@@ -162,6 +162,48 @@ async def test_stop_ip_drains_a_transaction_in_progress() -> None:
             nursery.cancel_scope.cancel()
 
 
+async def test_quiesce_ip_drains_while_still_accepting_then_stop_ip_closes() -> None:
+    port = free_port()
+    config = make_config(vip(VIP, port))
+    sink = Sink()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            manager: ListenerManager = await nursery.start(
+                partial(serve, config=config, sink=sink, settings=SETTINGS)
+            )
+            await manager.start_ip(VIP)
+            busy, busy_buf, _ = await connect(VIP, port)
+            await busy.send_all(b"HELO c\r\nMAIL FROM:<a>\r\nRCPT TO:<b>\r\nDATA\r\nhalf\r\n")
+            for _ in range(4):
+                await read_reply(busy, busy_buf)
+            quiesced = trio.Event()
+
+            async def quiesce() -> None:
+                await manager.quiesce_ip(VIP, drain_timeout=5.0)
+                quiesced.set()
+
+            nursery.start_soon(quiesce)
+            await trio.sleep(0.05)
+            # A client connecting during the drain gets a banner and 421, not a reset.
+            late, late_buf, banner = await connect(VIP, port)
+            assert banner.startswith(b"220 ")
+            assert (await read_reply(late, late_buf)).startswith(b"421 4.3.2 ")
+            await late.aclose()
+            await trio.sleep(0.1)
+            assert not quiesced.is_set()  # the transaction in DATA is not cut
+            await busy.send_all(b"rest\r\n.\r\n")
+            assert (await read_reply(busy, busy_buf)) == b"250 2.0.0 Ok: queued as L1\r\n"
+            assert (await read_reply(busy, busy_buf)).startswith(b"421 4.3.2 ")
+            await busy.aclose()
+            with trio.fail_after(2):
+                await quiesced.wait()
+            assert manager.running() == frozenset({(str(VIP), port)})  # still open
+            await manager.stop_ip(VIP, drain_timeout=0.2)
+            assert manager.running() == frozenset()
+            assert await refused(VIP, port)
+            nursery.cancel_scope.cancel()
+
+
 async def test_stop_ip_cuts_a_stalled_transaction_after_the_drain_timeout() -> None:
     port = free_port()
     config = make_config(vip(VIP, port))
@@ -199,6 +241,22 @@ async def test_start_ip_on_an_address_not_on_the_host_raises() -> None:
             assert manager.running() == frozenset()
             await manager.start_ip(VIP)  # the manager still works
             assert manager.running() == {("127.0.0.2", port)}
+            nursery.cancel_scope.cancel()
+
+
+async def test_start_ip_with_freebind_listens_before_the_address_exists() -> None:
+    port = free_port()
+    absent = IPv4Address("192.0.2.78")  # TEST-NET-1: never configured here
+    config = make_config(vip(absent, port))
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            manager: ListenerManager = await nursery.start(
+                partial(serve, config=config, sink=Sink(), settings=SETTINGS)
+            )
+            await manager.start_ip(absent, freebind=True)  # a takeover binds first
+            assert manager.running() == {("192.0.2.78", port)}
+            await manager.stop_ip(absent, drain_timeout=0.0)
+            assert manager.running() == frozenset()
             nursery.cancel_scope.cancel()
 
 

@@ -48,8 +48,8 @@ SUSPECT = codec.Suspect(1, "z", "y")
 DEAD = codec.Dead(1, "z", "y")
 ROUTES: list[tuple[codec.Message, str, str, tuple[Any, ...]]] = [
     (PING, "probes", "on_ping", (PING, "y", Y_ADDR)),
-    (codec.Ack(7), "probes", "on_ack", (7,)),
-    (codec.Nack(8), "probes", "on_nack", (8,)),
+    (codec.Ack(7), "probes", "on_ack", (7, 3.0)),
+    (codec.Nack(8), "probes", "on_nack", (8, 3.0)),
     (PING_REQ, "probes", "on_ping_req", (PING_REQ, "y", Y_ADDR, 3.0)),
     (ALIVE, "states", "on_alive", (ALIVE, 3.0)),
     (SUSPECT, "states", "on_suspect", (SUSPECT, 3.0)),

@@ -218,3 +218,63 @@ def test_awareness_stays_bounded_and_timers_always_move_forward(
         assert 0 <= p.ctx.awareness.score < T.awareness_max_multiplier
         assert now < p.next_deadline(math.inf) < math.inf  # nothing due is left undone
         p.ctx.out.clear()
+
+
+def test_a_peers_suspicion_is_confirmed_by_probing_now_not_at_the_next_period() -> None:
+    p, _ = make("a", "b", "c")
+    start(p)
+    probe = p.probe
+    assert probe is not None
+    p.on_ack(probe.seq, probe.direct_deadline - 0.01)  # answered: nothing left to learn
+    node = p.ctx.table.get("c" if probe.target != "c" else "b")
+    assert node is not None
+    node.state = State.SUSPECT
+    p.ctx.table.changed()
+    now = probe.direct_deadline
+    p.confirm_now(node.name, now)  # a peer told us it suspects node (Lifeguard dogpile)
+    assert p.next_deadline(99.0) <= now
+    sent(p.ctx)
+    p.tick(now)
+    assert p.probe is not None and p.probe.target == node.name and p.probe.seq != probe.seq
+    [(_, msgs)] = sent(p.ctx)
+    assert Suspect(node.incarnation, node.name, "x") in msgs  # with the suspicion attached
+
+
+def test_a_probe_in_flight_is_not_cut_short_by_a_peers_suspicion() -> None:
+    p, _ = make("a", "b", "c")
+    start(p)
+    probe = p.probe
+    assert probe is not None
+    other = "c" if probe.target != "c" else "b"
+    node = p.ctx.table.get(other)
+    assert node is not None
+    node.state = State.SUSPECT
+    p.confirm_now(other, probe.direct_deadline - 0.01)
+    # unanswered: it runs to its end, then the suspect is probed at once
+    assert p.next_deadline(99.0) == probe.direct_deadline
+    p.tick(probe.end)
+    assert p.probe is not None and p.probe.target == other
+
+
+def test_when_every_helper_nacks_the_probe_ends_without_waiting_for_the_period() -> None:
+    p, suspected = make("a", "b", "c")
+    start(p)
+    probe = p.probe
+    assert probe is not None
+    p.tick(probe.direct_deadline)
+    assert probe.indirect_sent and probe.expected_nacks == 2
+    p.on_nack(probe.seq, probe.direct_deadline + 0.03)
+    assert probe.end > probe.direct_deadline + 0.03  # one helper still may reach it
+    p.on_nack(probe.seq, probe.direct_deadline + 0.04)
+    assert probe.end == probe.direct_deadline + 0.04
+    p.tick(probe.end)
+    assert [s.name for s in suspected] == [probe.target]
+
+
+def test_an_answered_probe_marks_the_targets_last_ack() -> None:
+    p, _ = make("a")
+    start(p)
+    probe = p.probe
+    assert probe is not None
+    p.on_ack(probe.seq, 0.123)
+    assert p.ctx.marks[probe.target]["ack"] == 0.123

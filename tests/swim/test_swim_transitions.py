@@ -183,3 +183,37 @@ def test_incarnations_never_go_back_and_we_are_never_dead_to_ourselves(
         assert local.state == State.ALIVE
         if claim.name == "x" and not isinstance(claim, Alive):
             assert local.incarnation > claim.incarnation  # out-bid (or already above it)
+
+
+def test_our_suspicion_goes_straight_to_the_peers_and_so_does_the_refutation() -> None:
+    tr, soon = make("a", "b", "c")
+    tr.on_suspect(Suspect(0, "a", "x"), 1.0)
+    assert soon == ["a"] and tr.ctx.marks["a"]["suspect"] == 1.0
+    out = sent(tr.ctx)
+    # the suspect (to refute) and every other live peer (to probe it now) hear it at once
+    for peer in (1, 2, 3):
+        assert any(Suspect(0, "a", "x") in msgs for a, msgs in out if a == addr(peer))
+    assert tr.told["a"] == ["b", "c"]
+    tr.on_alive(Alive(1, "a", addr(1), 0, 0, 0), 1.01)  # a refutes to us
+    out = sent(tr.ctx)
+    for peer in (2, 3):  # passed on the way the suspicion went
+        assert any(
+            any(isinstance(m, Alive) and m.name == "a" and m.incarnation == 1 for m in msgs)
+            for a, msgs in out
+            if a == addr(peer)
+        )
+    assert "a" not in tr.told
+
+
+def test_a_peers_suspicion_asks_for_a_probe_now() -> None:
+    ctx = new_context("a", "b")
+    now_probes: list[tuple[str, float]] = []
+    soon: list[str] = []
+    tr = Transitions(
+        ctx, MetaSync(ctx), ReplayGuard(), soon.append, lambda n, t: now_probes.append((n, t))
+    )
+    tr.on_suspect(Suspect(0, "a", "b"), 2.0)
+    assert now_probes == [("a", 2.0)] and soon == []
+    tr.tick_suspicions(tr.suspicions["a"].deadline)
+    assert tr.ctx.table.get("a").state == State.DEAD
+    assert ctx.marks["a"]["suspect"] == 2.0 and ctx.marks["a"]["dead"] > 2.0

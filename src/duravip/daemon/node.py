@@ -42,6 +42,7 @@ from duravip.control import server as control_server
 from duravip.control.protocol import CommandRegistry
 from duravip.daemon import operator
 from duravip.daemon.actuator import ActuatorContext, NodeActuator
+from duravip.daemon.budget import TakeoverBudget
 from duravip.daemon.commands import cluster as cluster_cmds
 from duravip.daemon.commands import duravip as duravip_cmds
 from duravip.daemon.commands import lifecycle
@@ -50,13 +51,13 @@ from duravip.daemon.commands import node as node_cmds
 from duravip.daemon.commands import reload as reload_cmds
 from duravip.daemon.commands.common import Pending
 from duravip.daemon.services import NodeState, Services
+from duravip.daemon.shutdown import graceful_stop
 from duravip.daemon.telemetry import MetricsContext, NodeMetrics
 from duravip.election import NodeView, build_view, encode
 from duravip.election.picture import (
     ClusterSnapshot,
     ViewTracker,
     binding_holders,
-    handed_off,
     mmove_peers,
     reannounce_targets,
 )
@@ -78,10 +79,6 @@ from duravip.swim.driver import serve as serve_membership
 log = logging.getLogger("duravip.node")
 
 PlumberFactory = Callable[[Config], AbstractAsyncContextManager[Plumber]]
-
-#: Upper bound for a graceful stop: release IPs, hand queues over, leave.
-SHUTDOWN_BUDGET = 15.0
-
 
 def load_keyring(config: Config) -> Keyring:
     if config.cluster.keyring is None:
@@ -266,6 +263,13 @@ class Node:
                     resolver=resolver,
                 )
                 self.telemetry.add_election(resolver.stats)
+                budget = TakeoverBudget(
+                    marks=membership.failure_marks,
+                    plumbed_at=plumbing.plumbed_at,
+                    garp_at=plumbing.garp_at,
+                    bound_at=actuator.bound_at,
+                )
+                resolver.on_takeover.append(budget.on_takeover)
                 waiting_resolver.release()
                 self._register_steering(registry, services)
                 # Drain, health checks, notify hooks (a persisted drain applies before maturity).
@@ -279,7 +283,7 @@ class Node:
                 nursery.start_soon(self._notify_ready, services)
                 log.info("node started", extra={"fields": {"members": len(self.state.snapshot.value.states)}})
                 await self._serve_signals(services)
-                await self._graceful_stop(services)
+                await graceful_stop(self.state, services, partial(self._route_mail, services))
                 nursery.cancel_scope.cancel()
         except* KeyboardInterrupt:
             log.info("interrupted before the signal handlers were up")
@@ -455,24 +459,6 @@ class Node:
                         log.info("signal %s: graceful stop", signal.Signals(sig).name)
                         n.cancel_scope.cancel()
                         return
-
-    async def _graceful_stop(self, s: Services) -> None:
-        """Release every IP break-before-make, hand queues over, announce ``left``."""
-        sdnotify.notify("STOPPING=1")
-        with trio.move_on_after(SHUTDOWN_BUDGET) as scope:
-            released = s.resolver.held.value
-            await s.resolver.release_all()
-            # Let the others elect new owners and plumb before queues move: mail
-            # follows the holders. Bounded: a peer that cannot plumb must not
-            # keep the queues here.
-            with trio.move_on_after(min(1.0, 4 * self.config.cluster.timers.probe_interval)):
-                await self.state.snapshot.wait_value(lambda snap: handed_off(snap, released))
-            self._route_mail(s)
-            await s.mail.hand_over(timeout=max(1.0, SHUTDOWN_BUDGET / 2))
-            await s.membership.leave(timeout=2.0)
-        if scope.cancelled_caught:
-            log.warning("graceful stop ran out of time", extra={"fields": {"budget_s": SHUTDOWN_BUDGET}})
-        log.info("stopped")
 
     async def reload(self, s: Services) -> list[str]:
         """Apply a new config without restart, or keep the old one and return the errors."""

@@ -80,6 +80,9 @@ class ResolverService:
         #: Called in order with ("acquire" | "release", ip) as the held set changes
         #: (the notify hooks; must not block).
         self.on_held_change: list[Callable[[str, IPAddress], None]] = []
+        #: Called with (ip, dead or left holder, wall time the acquisition started)
+        #: once an IP taken from a gone node is acquired (the latency budget).
+        self.on_takeover: list[Callable[[IPAddress, str, float], None]] = []
         #: Called with the new config after a reload (health checks follow it).
         self.on_config: list[Callable[[Config], None]] = []
 
@@ -211,6 +214,7 @@ class ResolverService:
                 self._wake.set()
                 return
         if action.acquire:
+            decided = time.time()
             policy.claim(action.acquire)
             self._flush()
             try:
@@ -222,6 +226,10 @@ class ResolverService:
                 self._failed(action.acquire)
                 return
             missed = policy.acquired(trio.current_time(), action, got)
+            for ip, gone in action.from_dead.items():
+                if ip in got:
+                    for hook in self.on_takeover:
+                        hook(ip, gone, decided)
             log.info(
                 "acquired %d IP(s) (%d from dead holders)",
                 len(action.acquire - missed),

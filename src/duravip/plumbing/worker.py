@@ -11,6 +11,7 @@ ever touched.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 
 import attrs
@@ -82,6 +83,10 @@ class PlumbingWorker:
         self.failures: dict[IPAddress, Backoff] = {}
         self.reconciles = 0
         self.repaired = 0
+        #: Wall-clock stamps of the last ``ensure`` per IP: address added, first GARP
+        #: round sent (the takeover latency budget; one float per managed IP at most).
+        self.plumbed_at: dict[IPAddress, float] = {}
+        self.garp_at: dict[IPAddress, float] = {}
 
     # -- public API ----------------------------------------------------------
     @property
@@ -100,8 +105,14 @@ class PlumbingWorker:
             got = await self._plumb(placements)
             self.present.value = self.present.value | got
         if got:
+            now = time.time()
+            for ip in got:
+                self.plumbed_at[ip] = now
             wanted = [p for p in placements if p.ip in got]
             await self._announce_round(wanted)
+            now = time.time()
+            for p in wanted:
+                self.garp_at[p.ip] = now
             if self._garp_count > 1:
                 self._nursery.start_soon(self._announce_rest, wanted)
         return frozenset(got)

@@ -3,8 +3,10 @@
 Plain listeners run from :func:`serve` start to its cancellation. DuraVIP
 listeners (``Enable_Duravip``, ``Duravip_Follow``, or any listener on an IP
 that is a DuraVIP for some other service) start only through
-:meth:`ListenerManager.start_ip`, after the daemon plumbed the IP, and stop
-through :meth:`ListenerManager.stop_ip`, before it unplumbs: break before make.
+:meth:`ListenerManager.start_ip` (a takeover binds them with ``IP_FREEBIND``
+just before it plumbs the IP), drain through :meth:`ListenerManager.quiesce_ip`
+while still accepting, and close through :meth:`ListenerManager.stop_ip` once
+the IP is unplumbed: no client SYN meets the address without a socket.
 
 Hostile load: an accept(2) capacity error (EMFILE, ENFILE, ENOMEM, ENOBUFS)
 pauses that accept loop for :data:`ACCEPT_RETRY_DELAY` and retries, as
@@ -24,7 +26,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import socket
 from collections.abc import Callable
 from ipaddress import ip_address
 
@@ -36,6 +37,7 @@ from duravip.ipaddr import IPAddress
 from duravip.smtp.driver import handle_connection
 from duravip.smtp.server import ServerSettings, too_many_connections
 from duravip.smtp.settings import session_limits
+from duravip.smtp.sockets import BACKLOG, Addr, drain_backlog, open_listening_socket
 from duravip.smtp.tls import TlsTable, settings_by_mode
 from duravip.smtp.types import MessageSink
 
@@ -50,8 +52,6 @@ __all__ = [
 
 log = logging.getLogger("duravip.smtp.listeners")
 
-BACKLOG = 1024
-Addr = tuple[str, int]
 
 #: accept(2) errors that mean "the system is out of something right now" (the set
 #: trio.serve_listeners retries): pause and retry, never stop the listener.
@@ -61,6 +61,8 @@ ACCEPT_RETRY_DELAY = 0.1
 #: At most one log line per this many seconds about capacity errors, over all
 #: listeners (10,240 DuraVIP listeners out of fds at once must not flood the log).
 ACCEPT_LOG_INTERVAL = 10.0
+#: How often :meth:`ListenerManager.quiesce_ip` looks whether the sessions are gone.
+QUIESCE_POLL = 0.005
 #: How long a refused connection may take to receive its one-line 421.
 REFUSE_TIMEOUT = 1.0
 
@@ -146,18 +148,19 @@ class ListenerManager:
         """Addresses currently accepting connections."""
         return frozenset(self._running)
 
-    async def start_ip(self, ip: IPAddress) -> None:
-        """Start every DuraVIP listener bound to ``ip`` (plumbed already).
+    async def start_ip(self, ip: IPAddress, *, freebind: bool = False) -> None:
+        """Start every DuraVIP listener bound to ``ip`` (plumbed already, or ``freebind``).
 
-        Raises ``OSError`` (EADDRNOTAVAIL if the IP is not on the host); then
-        none of this IP's listeners started by this call is left running.
+        Raises ``OSError`` (EADDRNOTAVAIL if the IP is not on the host and not
+        ``freebind``); then none of this IP's listeners started by this call is
+        left running.
         """
         self._ips.add(ip)
         started: list[Addr] = []
         try:
             for addr in self._duravip_addrs(self._config, ip):
                 if addr not in self._running:
-                    await self._start(addr)
+                    await self._start(addr, freebind=freebind)
                     started.append(addr)
         except BaseException:
             self._ips.discard(ip)
@@ -165,6 +168,22 @@ class ListenerManager:
                 for addr in started:
                     await self._stop(addr, 0.0)
             raise
+
+    async def quiesce_ip(self, ip: IPAddress, drain_timeout: float) -> None:
+        """Before a planned release: drain ``ip``'s sessions while its sockets keep accepting.
+
+        Idle sessions get ``421`` now, busy ones up to ``drain_timeout`` to
+        finish; a client connecting meanwhile gets a banner and ``421`` (retry
+        later), never the reset a closed socket would give. :meth:`stop_ip`,
+        after the unplumb, closes the sockets.
+        """
+        mine = [self._running[a] for a in self._vip_index.get(ip, ()) if a in self._running]
+        for running in mine:
+            running.shutdown.set()
+        with trio.move_on_after(drain_timeout):
+            for running in mine:
+                while running.sessions is not None and running.sessions.child_tasks:
+                    await trio.sleep(QUIESCE_POLL)
 
     async def stop_ip(self, ip: IPAddress, drain_timeout: float) -> None:
         """Stop accepting on ``ip`` now, drain sessions, then ``421`` the rest.
@@ -233,7 +252,7 @@ class ListenerManager:
         except OSError as exc:
             log.error("cannot listen on %s:%d: %s", *addr, exc)
 
-    async def _start(self, addr: Addr) -> None:
+    async def _start(self, addr: Addr, *, freebind: bool = False) -> None:
         old = self._stopping.get(addr)
         if old is not None:
             await old.socket_closed.wait()
@@ -242,17 +261,7 @@ class ListenerManager:
         tls_error = self._tls.error(addr)
         if tls_error is not None:
             raise tls_error  # an OSError: "cannot listen", as for a bind error
-        family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
-        sock = trio.socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            await sock.bind(addr)
-            sock.listen(BACKLOG)
-        except OSError as exc:
-            sock.close()
-            if exc.errno == errno.EADDRNOTAVAIL:
-                log.warning("%s is not on this host (not plumbed?)", addr[0])
-            raise
+        sock = await open_listening_socket(addr, freebind=freebind)
         running = _Running(addr, sock)
         self._running[addr] = running
         try:
@@ -384,33 +393,12 @@ class ListenerManager:
         await trio.aclose_forcefully(stream)
 
     def _drain_backlog(self, running: _Running, sessions: trio.Nursery) -> None:
-        """Serve connections the kernel completed but we never accepted.
-
-        Closing a listening socket resets every connection still in its accept
-        queue; those clients connected while we were serving, so they get a
-        session (banner, then ``421`` once idle) instead of a reset. Best effort:
-        any error (EMFILE included) ends the drain, never the manager, and no fd
-        is allocated to do it (the listening fd is borrowed, not dup'ed).
-        """
-        try:
-            raw = socket.socket(fileno=running.listener.socket.fileno())
-        except OSError as exc:
-            log.debug("no backlog drain on %s:%d: %s", *running.addr, exc)
-            return
-        try:
-            while True:
-                try:
-                    conn, _ = raw.accept()
-                except (BlockingIOError, InterruptedError):
-                    return
-                except OSError as exc:
-                    log.debug("backlog drain on %s:%d stopped: %s", *running.addr, exc)
-                    return
-                conn.setblocking(False)
-                stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
-                sessions.start_soon(self._admit, stream, running, sessions)
-        finally:
-            raw.detach()  # the fd belongs to the trio listener, which closes it
+        """Serve connections the kernel completed but we never accepted (see :func:`drain_backlog`)."""
+        drain_backlog(
+            running.listener,
+            running.addr,
+            lambda stream: sessions.start_soon(self._admit, stream, running, sessions),
+        )
 
     async def _session(self, stream: trio.SocketStream, running: _Running, peer_ip: str) -> None:
         try:

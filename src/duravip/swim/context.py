@@ -88,6 +88,9 @@ class Context:
         self.public: dict[str, Member] = {}
         #: stream request id -> (kind, member name for a meta fetch)
         self.pending: dict[int, tuple[StreamKind, str]] = {}
+        #: member -> stage ("ack", "suspect", "dead") -> core time it last happened: the
+        #: detection part of a takeover's latency budget (one small dict per member)
+        self.marks: dict[str, dict[str, float]] = {}
         self._seq = rng.randrange(1 << 32)
         self._stream_id = 0
 
@@ -107,6 +110,10 @@ class Context:
         m = node.snapshot()
         self.public[node.name] = m
         self.events.append(MemberEvent(kind, m))
+
+    def mark(self, name: str, stage: str, now: float) -> None:
+        """Remember when ``stage`` last happened to member ``name`` (the latency budget)."""
+        self.marks.setdefault(name, {})[stage] = now
 
     def next_seq(self) -> int:
         self._seq = (self._seq + 1) & _SEQ_MASK

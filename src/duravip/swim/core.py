@@ -88,7 +88,9 @@ class Swim:
         self._replay = ReplayGuard()
         self._meta = MetaSync(ctx)
         self._probes = Prober(ctx, self._suspect, now)
-        self._transitions = Transitions(ctx, self._meta, self._replay, self._probes.probe_soon)
+        self._transitions = Transitions(
+            ctx, self._meta, self._replay, self._probes.probe_soon, self._probes.confirm_now
+        )
         # staggered so nodes started together do not gossip in lockstep
         self._next_gossip = now + self.rng.uniform(0, timers.gossip_interval)
         self._sync = AntiEntropy(ctx, self._transitions, self.seeds, now)
@@ -248,6 +250,10 @@ class Swim:
         self._ctx.timers = timers
         self.awareness.max_multiplier = max(1, timers.awareness_max_multiplier)
         self.awareness.apply_delta(0)
+
+    def marks(self, name: str) -> Mapping[str, float]:
+        """When member ``name`` last acked our probe, was suspected, declared dead (core time)."""
+        return dict(self._ctx.marks.get(name, {}))
 
     def hint_unreachable(self, addr: Addr, now: float) -> None:
         """ICMP port unreachable from ``addr``: go to indirect probes early, never declare death."""

@@ -37,8 +37,8 @@ class ProbeHandler(Protocol):
     """The failure detector's side of the datagram protocol (:class:`.probe.Prober`)."""
 
     def on_ping(self, m: Ping, sender: str, addr: Addr) -> None: ...
-    def on_ack(self, seq: int) -> None: ...
-    def on_nack(self, seq: int) -> None: ...
+    def on_ack(self, seq: int, now: float | None = None) -> None: ...
+    def on_nack(self, seq: int, now: float | None = None) -> None: ...
     def on_ping_req(self, m: PingReq, sender: str, addr: Addr, now: float) -> None: ...
 
 
@@ -99,9 +99,9 @@ def dispatch(
         case Ping():
             probes.on_ping(m, sender, addr)
         case Ack():
-            probes.on_ack(m.seq)
+            probes.on_ack(m.seq, now)
         case Nack():
-            probes.on_nack(m.seq)
+            probes.on_nack(m.seq, now)
         case PingReq():
             probes.on_ping_req(m, sender, addr, now)
         case Alive():

@@ -142,6 +142,15 @@ class MembershipService:
             while not self._swim.left_done():
                 await trio.sleep(self._swim.timers.gossip_interval / 2)
 
+    def failure_marks(self, name: str) -> dict[str, float]:
+        """Wall-clock (``time.time()``) stamps of ``name``'s last ack, suspicion and death.
+
+        The core runs on ``trio.current_time()``; converted here with the offset
+        of the two clocks now, so stamps compare across nodes sharing one host.
+        """
+        offset = time.time() - trio.current_time()
+        return {k: v + offset for k, v in self._swim.marks(name).items()}
+
     def set_keyring(self, keyring: Keyring) -> None:
         self._swim.set_keyring(keyring)
 

@@ -71,6 +71,17 @@ class Prober:
         if name not in self.urgent:
             self.urgent.append(name)
 
+    def confirm_now(self, name: str, now: float) -> None:
+        """A peer suspects ``name``: probe it now, not at the next period (Lifeguard dogpile).
+
+        Our own probe is the independent confirmation that shrinks every
+        suspicion timer to its minimum (or, attached to the ping, the suspicion
+        the suspect refutes at once); waiting up to a period for it was most of
+        a crash failover's suspect-to-dead time.
+        """
+        self.probe_soon(name)
+        self.next_probe = min(self.next_probe, now)
+
     # ------------------------------------------------------------------ timers
 
     def tick(self, now: float) -> None:
@@ -79,8 +90,12 @@ class Prober:
 
     def next_deadline(self, d: float) -> float:
         """``d`` or the next probe step or relay timer, whichever comes first."""
-        d = min(d, self.next_probe)
         p = self.probe
+        if p is None or (p.acked and self.urgent):
+            d = min(d, self.next_probe)
+        else:
+            # a probe in flight ends before the next starts (confirm_now may pull it earlier)
+            d = min(d, max(self.next_probe, p.end))
         if p is not None:
             d = min(d, p.end if (p.indirect_sent or p.acked) else p.direct_deadline)
         for r in self.relays.values():
@@ -92,6 +107,8 @@ class Prober:
         p = self.probe
         if p is not None and not p.acked and not p.indirect_sent and now >= p.direct_deadline:
             self._send_indirect(p)
+        if p is not None and p.acked and self.urgent and self.next_probe <= now < p.end:
+            p.end = now  # acked: nothing left to learn from it; a fresh suspect goes first
         if p is not None and now >= p.end:
             self.probe = None
             if not p.acked:
@@ -221,12 +238,14 @@ class Prober:
             count=node.state in (State.ALIVE, State.SUSPECT),
         )
 
-    def on_ack(self, seq: int) -> None:
+    def on_ack(self, seq: int, now: float | None = None) -> None:
         ctx = self.ctx
         p = self.probe
         if p is not None and p.seq == seq:
             if not p.acked:
                 p.acked = True
+                if now is not None:
+                    ctx.mark(p.target, "ack", now)
                 ctx.counters["acks_recv"] += 1
                 if not p.indirect_sent:
                     ctx.awareness.apply_delta(-1)
@@ -237,11 +256,15 @@ class Prober:
             return
         ctx.counters["dropped_stale"] += 1
 
-    def on_nack(self, seq: int) -> None:
+    def on_nack(self, seq: int, now: float | None = None) -> None:
         p = self.probe
         if p is not None and p.seq == seq and p.nacks < p.expected_nacks:
             p.nacks += 1
             self.ctx.counters["nacks_recv"] += 1
+            if p.nacks == p.expected_nacks and not p.acked and now is not None:
+                # every helper failed to reach it too: waiting for the period's end
+                # only delays the suspicion (a late ack still refutes it, buddy system)
+                p.end = min(p.end, now)
         else:
             self.ctx.counters["dropped_stale"] += 1
 

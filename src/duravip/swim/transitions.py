@@ -32,13 +32,18 @@ class Transitions:
         meta: MetaSync,
         replay: ReplayGuard,
         probe_soon: Callable[[str], None],
+        confirm_now: Callable[[str, float], None] | None = None,
     ) -> None:
-        """``probe_soon(name)`` asks the prober to probe a fresh suspect next."""
+        """``probe_soon(name)`` asks the prober to probe a fresh suspect next;
+        ``confirm_now(name, now)`` to probe one a peer suspects right now."""
         self.ctx = ctx
         self.meta = meta
         self.replay = replay
         self.probe_soon = probe_soon
+        self.confirm_now = confirm_now
         self.suspicions: dict[str, Suspicion] = {}
+        #: our own suspicions -> the peers we told directly (a refutation follows the same way)
+        self.told: dict[str, list[str]] = {}
         self.next_reap = math.inf
 
     # ------------------------------------------------------------------ claims
@@ -84,6 +89,10 @@ class Transitions:
             node.state = State.ALIVE
             node.state_since = now
         self.suspicions.pop(a.name, None)
+        for name in self.told.pop(a.name, ()):
+            peer = ctx.table.get(name)
+            if peer is not None and peer.state in (State.ALIVE, State.SUSPECT):
+                ctx.send(name, peer.addr, [ctx.alive_msg(node)], piggyback=False)
         ctx.table.changed()
         kind: EventKind = (
             "alive"
@@ -141,14 +150,29 @@ class Transitions:
             start=now,
         )
         ctx.counters["suspected"] += 1
+        ctx.mark(s.name, "suspect", now)
         ctx.touch(node, "suspect")
         ctx.broadcasts.queue(s.name, codec.encode_message(s))
         # probe the suspect next (with the suspicion attached, Lifeguard's buddy system):
         # a live one refutes to us directly, a dead one is confirmed sooner
-        self.probe_soon(s.name)
         if s.sender == ctx.name:
+            self.probe_soon(s.name)
             # tell the suspect at once: it refutes in one round trip
             ctx.send(node.name, node.addr, [s])
+            # and a few peers: each probes it now (its confirmation or the refutation
+            # comes a probe period sooner than through the next gossip round)
+            peers = [n for n in ctx.table.live_peers() if n != s.name]
+            if len(peers) > t.gossip_nodes:
+                peers = ctx.rng.sample(peers, t.gossip_nodes)
+            for name in peers:
+                peer = ctx.table.get(name)
+                if peer is not None:
+                    ctx.send(name, peer.addr, [s], piggyback=False)
+            self.told[s.name] = peers
+        elif self.confirm_now is not None:
+            self.confirm_now(s.name, now)
+        else:
+            self.probe_soon(s.name)
 
     def on_dead(self, d: Dead, now: float) -> None:
         """A death (or, ``sender == name``, a graceful leave) of ``d.name``."""
@@ -169,8 +193,10 @@ class Transitions:
         node.state = State.LEFT if left else State.DEAD
         node.state_since = now
         self.suspicions.pop(d.name, None)
+        self.told.pop(d.name, None)
         self.replay.forget(d.name)  # its next boot is accepted whatever its clock says
         ctx.table.changed()
+        ctx.mark(d.name, "left" if left else "dead", now)
         ctx.touch(node, "left" if left else "dead")
         ctx.broadcasts.queue(d.name, codec.encode_message(d))
         self.next_reap = min(self.next_reap, now + self._reclaim_after())
@@ -233,6 +259,7 @@ class Transitions:
                 continue
             if node.state_since + self._reclaim_after() <= now:
                 ctx.table.forget(node.name)
+                ctx.marks.pop(node.name, None)
                 m = ctx.public.pop(node.name)
                 ctx.events.append(MemberEvent("forgotten", m))
                 self.meta.forget(node.name)
