@@ -175,11 +175,11 @@ class DelayedRecorder(Recorder):
 
 async def test_a_late_250_is_nudged_and_the_session_goes_on(nursery: trio.Nursery) -> None:
     """A NOOP pipelined after the data; its reply is read before the next command."""
-    from duravip.mail.smtpclient import NUDGE_AFTER, SmtpSession, open_tcp
+    from duravip.mail.smtpclient import NUDGE_AFTER, NUDGES, SmtpSession, open_tcp
     from duravip.smtp.driver import handle_connection
     from duravip.smtp.server import ServerSettings
 
-    rec = DelayedRecorder(4 * NUDGE_AFTER)
+    rec = DelayedRecorder(4 * NUDGE_AFTER)  # NOOPs at 1x and 3x NUDGE_AFTER, not at 7x
 
     async def handler(stream: trio.SocketStream) -> None:
         peer, local = stream.socket.getpeername(), stream.socket.getsockname()
@@ -199,9 +199,12 @@ async def test_a_late_250_is_nudged_and_the_session_goes_on(nursery: trio.Nurser
         env = envelope(None)
         for i in range(3):
             r = await s.send(env.mail_from, env.rcpt_to, env.data, nudge=True)
-            assert r.code == 250 and s.nudges == i + 1
+            assert r.code == 250 and s.nudges == 2 * (i + 1)
+        rec.delay = 20 * NUDGE_AFTER
+        r = await s.send(env.mail_from, env.rcpt_to, env.data, nudge=True)
+        assert r.code == 250 and s.nudges == 6 + NUDGES  # at most NUDGES per message
         rec.delay = 0
         r = await s.send(env.mail_from, env.rcpt_to, env.data, nudge=True)
-        assert r.code == 250 and s.nudges == 3  # a prompt 250: no NOOP
+        assert r.code == 250 and s.nudges == 6 + NUDGES  # a prompt 250: no NOOP
         await s.quit()
-    assert len(rec.messages) == 4
+    assert len(rec.messages) == 5

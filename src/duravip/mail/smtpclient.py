@@ -94,8 +94,10 @@ async def open_tcp(
     return trio.SocketStream(sock)
 
 
-#: No reply this long after the data: send a ``NOOP`` (see ``SmtpSession.send``'s ``nudge``).
+#: No reply this long after the data: send a ``NOOP`` (see ``SmtpSession.send``'s ``nudge``),
+#: then another after twice as long, up to ``NUDGES`` (each reply may be lost too).
 NUDGE_AFTER = 0.025
+NUDGES = 3
 
 
 class SmtpSession:
@@ -106,8 +108,8 @@ class SmtpSession:
         self.timeout = timeout
         self.proto = _Protocol()
         self._leftover = leftover
-        #: A pipelined ``NOOP`` went out after the data; its reply is still to be read.
-        self._noop_unread = False
+        #: Pipelined ``NOOP``s sent after the data whose replies are still to be read.
+        self._noop_unread = 0
         #: ``NOOP``s sent after data (tests, counters).
         self.nudges = 0
 
@@ -135,23 +137,25 @@ class SmtpSession:
                 return resp
 
     async def _receive(self, nudge: bool) -> bytes:
-        if nudge:
-            with trio.move_on_after(NUDGE_AFTER):
+        wait = NUDGE_AFTER
+        for _ in range(NUDGES if nudge else 0):
+            with trio.move_on_after(wait):
                 return bytes(await self.stream.receive_some(65536))
             # Pipelined after the data (RFC 2920: NOOP may end a command group).
             with trio.fail_after(self.timeout):
                 await self.stream.send_all(b"NOOP\r\n")
-            self._noop_unread = True
+            self._noop_unread += 1
             self.nudges += 1
+            wait *= 2
         with trio.fail_after(self.timeout):
             return bytes(await self.stream.receive_some(65536))
 
     async def _cmd(self, method: Any, *args: Any, nudge: bool = False) -> SMTPResponse:
         try:
-            if self._noop_unread:
-                # Read the nudge's reply first: issued through the state machine so it
-                # expects it, but its bytes already went out.
-                self._noop_unread = False
+            while self._noop_unread:
+                # Read the nudges' replies first: issued through the state machine so it
+                # expects them, but their bytes already went out.
+                self._noop_unread -= 1
                 self.proto.noop()
                 self.proto.get_outgoing_data()
                 r = await self._response()
