@@ -90,6 +90,7 @@ async def test_plumb_unplumb_v6_and_v4(lab: Lab, cached: bool) -> None:
             got = addrs6(lab, lab.a)
             assert set(got) == {f"{ip}/128" for ip in V6}
             assert all("tentative" not in line and "nodad" in line for line in got.values())
+            assert all("noprefixroute" in line for line in got.values())
             assert lab.addrs() >= {f"{ip}/32" for ip in V4}
             managed = frozenset(V6) | frozenset(V4)
             assert await p.present(managed) == managed
