@@ -43,6 +43,9 @@ class FakeListeners:
         await trio.sleep(0.01)
         self.log.events.append(("quiesce", (ip, drain_timeout)))
 
+    def close_ip(self, ip: IPv4Address, grace: float) -> None:
+        self.log.events.append(("close", (ip, grace)))
+
     async def stop_ip(self, ip: IPv4Address, drain_timeout: float) -> None:
         await trio.sleep(0.01)
         self.log.events.append(("stop", (ip, drain_timeout)))
@@ -81,5 +84,5 @@ async def test_release_drains_before_unplumbing_and_closes_the_sockets_only_afte
     # close: a SYN between the close and the unplumb would have met a reset.
     assert sorted(log.events[:2]) == [("quiesce", (A, 2.5)), ("quiesce", (B, 2.5))]
     assert log.events[2] == ("unplumb", {A, B})
-    assert sorted(log.events[3:5]) == [("stop", (A, CLOSE_GRACE)), ("stop", (B, CLOSE_GRACE))]
-    assert log.events[5:] == [("quiesce", (C, 0.5)), ("unplumb", {C}), ("stop", (C, 0.2))]
+    assert sorted(log.events[3:5]) == [("close", (A, CLOSE_GRACE)), ("close", (B, CLOSE_GRACE))]
+    assert log.events[5:] == [("quiesce", (C, 0.5)), ("unplumb", {C}), ("close", (C, 0.2))]

@@ -162,7 +162,7 @@ async def test_stop_ip_drains_a_transaction_in_progress() -> None:
             nursery.cancel_scope.cancel()
 
 
-async def test_quiesce_ip_drains_while_still_accepting_then_stop_ip_closes() -> None:
+async def test_quiesce_ip_drains_while_still_accepting_then_close_ip_closes() -> None:
     port = free_port()
     config = make_config(vip(VIP, port))
     sink = Sink()
@@ -198,9 +198,12 @@ async def test_quiesce_ip_drains_while_still_accepting_then_stop_ip_closes() -> 
             with trio.fail_after(2):
                 await quiesced.wait()
             assert manager.running() == frozenset({(str(VIP), port)})  # still open
-            await manager.stop_ip(VIP, drain_timeout=0.2)
-            assert manager.running() == frozenset()
+            manager.close_ip(VIP, grace=0.2)
+            assert manager.running() == frozenset()  # at once, nothing awaited
+            await trio.sleep(0.05)
             assert await refused(VIP, port)
+            await manager.start_ip(VIP)  # and the IP can come back right away
+            assert manager.running() == frozenset({(str(VIP), port)})
             nursery.cancel_scope.cancel()
 
 

@@ -37,6 +37,8 @@ class Listeners(Protocol):
 
     async def quiesce_ip(self, ip: IPAddress, drain_timeout: float) -> None: ...
 
+    def close_ip(self, ip: IPAddress, grace: float) -> None: ...
+
     async def stop_ip(self, ip: IPAddress, drain_timeout: float) -> None: ...
 
 
@@ -94,9 +96,9 @@ class NodeActuator:
             for ip in ips:
                 n.start_soon(listeners.quiesce_ip, ip, drain)
         await self.ctx.plumbing.remove(ips)
-        async with trio.open_nursery() as n:
-            for ip in ips:
-                n.start_soon(listeners.stop_ip, ip, min(drain, CLOSE_GRACE))
+        for ip in ips:
+            # Not awaited: the new holder waits for our announcement, not for our sessions.
+            listeners.close_ip(ip, min(drain, CLOSE_GRACE))
         log.info("released", extra={"fields": {"count": len(ips), "ips": _short(ips)}})
 
 

@@ -66,9 +66,7 @@ class TakeoverBudget:
         """The resolver took ``ip`` from the dead or left ``victim`` (decided at ``decided``)."""
         st = self.stamps(ip, victim, decided)
         base = st["dead"] or decided
-        spans = {
-            f"{k}_ms": round((v - base) * 1000.0, 2) for k, v in st.items() if v is not None
-        }
+        spans = {f"{k}_ms": round((v - base) * 1000.0, 2) for k, v in st.items() if v is not None}
         self.logged += 1
         log.info(
             "takeover budget",

@@ -170,13 +170,9 @@ class ListenerManager:
             raise
 
     async def quiesce_ip(self, ip: IPAddress, drain_timeout: float) -> None:
-        """Before a planned release: drain ``ip``'s sessions while its sockets keep accepting.
-
-        Idle sessions get ``421`` now, busy ones up to ``drain_timeout`` to
-        finish; a client connecting meanwhile gets a banner and ``421`` (retry
-        later), never the reset a closed socket would give. :meth:`stop_ip`,
-        after the unplumb, closes the sockets.
-        """
+        """Before a planned release: idle sessions get ``421``, busy ones ``drain_timeout``,
+        while the sockets keep accepting (a new client gets banner and ``421``, never a
+        reset); :meth:`close_ip` closes them after the unplumb."""
         mine = [self._running[a] for a in self._vip_index.get(ip, ()) if a in self._running]
         for running in mine:
             running.shutdown.set()
@@ -184,6 +180,15 @@ class ListenerManager:
             for running in mine:
                 while running.sessions is not None and running.sessions.child_tasks:
                     await trio.sleep(QUIESCE_POLL)
+
+    def close_ip(self, ip: IPAddress, grace: float) -> None:
+        """After the unplumb: close ``ip``'s sockets now; open sessions get ``grace`` in the
+        background (nothing waits: the release is announced without waiting for them)."""
+        self._ips.discard(ip)
+        for addr in self._vip_index.get(ip, ()):
+            running = self._begin_stop(addr)
+            if running is not None:
+                self._nursery.start_soon(self._drain, running, grace)
 
     async def stop_ip(self, ip: IPAddress, drain_timeout: float) -> None:
         """Stop accepting on ``ip`` now, drain sessions, then ``421`` the rest.
@@ -431,13 +436,18 @@ class ListenerManager:
                 self._per_ip.pop(peer_ip, None)
 
     async def _stop(self, addr: Addr, drain_timeout: float) -> None:
+        running = self._begin_stop(addr)
+        if running is not None:
+            await self._drain(running, drain_timeout)
+            log.info("stopped listening on %s:%d", *addr)
+
+    def _begin_stop(self, addr: Addr) -> _Running | None:
+        """Stop accepting on ``addr`` now (synchronously: a start_ip after this starts anew)."""
         running = self._running.pop(addr, None)
-        if running is None:
-            return
-        self._stopping[addr] = running
-        running.accept_scope.cancel()
-        await self._drain(running, drain_timeout)
-        log.info("stopped listening on %s:%d", *addr)
+        if running is not None:
+            self._stopping[addr] = running
+            running.accept_scope.cancel()
+        return running
 
     async def _drain(self, running: _Running, drain_timeout: float) -> None:
         """Idle sessions get 421 now, busy ones ``drain_timeout`` to finish; then cut."""
