@@ -101,6 +101,20 @@ def test_free_ips_a_maturing_newcomer_will_own_are_deferred_until_its_patience_e
     assert action is not None and action.acquire == ALL
 
 
+def test_a_stopping_peer_is_not_waited_for_as_a_maturing_newcomer() -> None:
+    # The peer's own view says "stopping" once its graceful stop begins...
+    n2 = ResolverPolicy(config=config("n2"), now=0.0, wall=1000.0, mature_after=0)
+    n2.begin_stop()
+    (stopping,) = n2.take_views()[-1:]
+    assert not stopping.mature and stopping.status == "stopping"
+    # ...so n1, inside n2's cold-start patience, takes n2's IPs at once.
+    p = mature_policy()
+    p.observe(0.0, snap({"n2": ALIVE}, {"n2": stopping}))
+    action = p.next_action(0.0)
+    assert action is not None and action.acquire == ALL
+    assert p.deadline(0.0) != PATIENCE
+
+
 def test_ips_of_a_dead_holder_are_never_deferred() -> None:
     p = mature_policy()
     owners = hash_owner(["n1", "n2"])

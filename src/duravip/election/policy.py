@@ -183,7 +183,9 @@ class ResolverPolicy:
             mature=self.candidate,
             held=self.held | self._claiming,
             overrides=dict(self._overrides),
-            status=self._ineligible or "",
+            # A stopping node says so: its peers must not wait for it to mature
+            # (the cold-start deferral) while it hands its IPs over.
+            status=self._ineligible or ("stopping" if self._stopping else ""),
             yields=frozenset(yields),
             failback_at=self._wall(min(self._yield_until.values())) if self._yield_until else 0.0,
         )
