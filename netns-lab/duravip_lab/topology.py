@@ -145,6 +145,11 @@ class Topology:
                 "net.ipv6.conf.default.accept_dad=0",
                 "net.ipv6.conf.eth1.accept_dad=0",
                 "net.ipv6.conf.eth1.accept_ra=0",
+                # Carrier loss (``link down``, the lab's crash) must not flush the
+                # member's own IPv6 address and its on-link route, as Linux does by
+                # default; IPv4 addresses stay too. Without it a revived node holds
+                # its IPv6 VIPs but cannot answer the client.
+                "net.ipv6.conf.eth1.keep_addr_on_down=1",
             )
             cmds = [
                 "link set lo up",

@@ -94,6 +94,10 @@ def test_crash_failover_of_an_ipv6_vip(lab: Any) -> None:
     assert holders[ip] == new
     lab.revive("n2")
     wait_converged(lab, ALL, timeout=40, expect=PREFERRED)
+    # Fail-back: the revived node answers on its IPv6 VIP (a node whose own IPv6
+    # address was flushed by the carrier loss would hold the VIP but never reply).
+    back = lab.probe(ip, seconds=3, interval=0.05, timeout=0.5, until_ok=True)
+    assert back and back[-1]["ok"] and back[-1]["node"] == "n2", back[-5:]
 
 
 def test_mail_on_ipv6_listener_leaves_from_ipv6_binding_once(lab: Any) -> None:
