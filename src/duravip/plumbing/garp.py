@@ -22,6 +22,7 @@ import trio
 from duravip.ipaddr import IPAddress
 from duravip.plumbing.base import Placement
 from duravip.plumbing.netns import open_socket
+from duravip.plumbing.pacing import Pacer
 from duravip.plumbing.rtnl import LinkInfo, NeighInfo
 
 log = logging.getLogger("duravip.plumbing")
@@ -144,8 +145,7 @@ class GarpSender:
 
     async def send(self, frames: Iterable[tuple[str, bytes]]) -> int:
         """Send ``frames`` paced at ``self.rate``; return how many went out."""
-        start = trio.current_time()
-        n = 0
+        pacer = Pacer(self.rate)
         failed: set[str] = set()
         for ifname, frame in frames:
             if ifname in failed:
@@ -157,15 +157,9 @@ class GarpSender:
                 self.forget(ifname)
                 failed.add(ifname)
                 continue
-            n += 1
-            if n % 32 == 0:
-                ahead = start + n / self.rate - trio.current_time()
-                if ahead > 0:
-                    await trio.sleep(ahead)
-                else:
-                    await trio.lowlevel.checkpoint()
-        self.sent += n
-        return n
+            await pacer.sent()
+        self.sent += pacer.count
+        return pacer.count
 
     def close(self) -> None:
         for s in self._socks.values():

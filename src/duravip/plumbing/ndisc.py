@@ -27,6 +27,7 @@ import trio
 from duravip.ipaddr import IPAddress
 from duravip.plumbing.base import Placement
 from duravip.plumbing.netns import open_socket
+from duravip.plumbing.pacing import Pacer
 from duravip.plumbing.rtnl import LinkInfo, NeighInfo
 
 log = logging.getLogger("duravip.plumbing")
@@ -129,8 +130,7 @@ class NdiscSender:
 
     async def send(self, adverts: Iterable[Advert]) -> int:
         """Send ``adverts`` paced at ``self.rate``; return how many went out."""
-        start = trio.current_time()
-        n = 0
+        pacer = Pacer(self.rate)
         failed: set[str] = set()
         for a in adverts:
             if a.interface in failed:
@@ -143,15 +143,9 @@ class NdiscSender:
                 log.warning("neighbour advertisement on %s failed: %s", a.interface, exc)
                 failed.add(a.interface)
                 continue
-            n += 1
-            if n % 32 == 0:
-                ahead = start + n / self.rate - trio.current_time()
-                if ahead > 0:
-                    await trio.sleep(ahead)
-                else:
-                    await trio.lowlevel.checkpoint()
-        self.sent += n
-        return n
+            await pacer.sent()
+        self.sent += pacer.count
+        return pacer.count
 
     def close(self) -> None:
         if self._sock is not None:
