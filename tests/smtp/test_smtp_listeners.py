@@ -121,6 +121,15 @@ async def test_plain_listeners_run_duravip_ones_wait_for_start_ip() -> None:
     assert await refused(IP1, port)
 
 
+async def mid_data(ip: IPv4Address, port: int) -> tuple[trio.SocketStream, bytearray]:
+    """A session stopped in the middle of its message's data (a transaction in progress)."""
+    sock, buf, _ = await connect(ip, port)
+    await sock.send_all(b"HELO c\r\nMAIL FROM:<a>\r\nRCPT TO:<b>\r\nDATA\r\nhalf\r\n")
+    for _ in range(4):
+        await read_reply(sock, buf)
+    return sock, buf
+
+
 async def test_stop_ip_drains_a_transaction_in_progress() -> None:
     port = free_port()
     config = make_config(vip(VIP, port))
@@ -131,11 +140,8 @@ async def test_stop_ip_drains_a_transaction_in_progress() -> None:
                 partial(serve, config=config, sink=sink, settings=SETTINGS)
             )
             await manager.start_ip(VIP)
-            busy, busy_buf, _ = await connect(VIP, port)
+            busy, busy_buf = await mid_data(VIP, port)
             idle, idle_buf, _ = await connect(VIP, port)
-            await busy.send_all(b"HELO c\r\nMAIL FROM:<a>\r\nRCPT TO:<b>\r\nDATA\r\nhalf\r\n")
-            for _ in range(4):
-                await read_reply(busy, busy_buf)
 
             stopped = trio.Event()
 
@@ -172,10 +178,7 @@ async def test_quiesce_ip_drains_while_still_accepting_then_close_ip_closes() ->
                 partial(serve, config=config, sink=sink, settings=SETTINGS)
             )
             await manager.start_ip(VIP)
-            busy, busy_buf, _ = await connect(VIP, port)
-            await busy.send_all(b"HELO c\r\nMAIL FROM:<a>\r\nRCPT TO:<b>\r\nDATA\r\nhalf\r\n")
-            for _ in range(4):
-                await read_reply(busy, busy_buf)
+            busy, busy_buf = await mid_data(VIP, port)
             quiesced = trio.Event()
 
             async def quiesce() -> None:

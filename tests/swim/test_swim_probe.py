@@ -58,9 +58,9 @@ def test_an_ack_ends_the_probe_and_improves_awareness() -> None:
     p.ctx.awareness.score = 2
     start(p)
     assert p.probe is not None
-    p.on_ack(p.probe.seq)
+    p.on_ack(p.probe.seq, p.probe.direct_deadline - 0.01)
     assert p.probe.acked and p.ctx.awareness.score == 1
-    p.on_ack(p.probe.seq)  # a duplicate ack changes nothing
+    p.on_ack(p.probe.seq, p.probe.direct_deadline - 0.01)  # a duplicate ack changes nothing
     assert p.ctx.counters["acks_recv"] == 1
     p.tick(p.probe.end)
     assert suspected == [] and p.ctx.counters["probes_failed"] == 0
@@ -78,7 +78,7 @@ def test_no_ack_goes_indirect_then_suspects_and_counts_missing_nacks() -> None:
     target = p.ctx.table.get(probe.target)
     assert target is not None
     assert all(r.target == probe.target and r.target_addr == target.addr for r in reqs)
-    p.on_nack(probe.seq)
+    p.on_nack(probe.seq, probe.direct_deadline)
     p.tick(probe.end)
     assert suspected == [Suspect(0, probe.target, "x")]
     assert p.ctx.awareness.score == 2  # two of three helpers did not even nack
@@ -116,7 +116,7 @@ def test_nacks_beyond_the_expected_count_are_stale() -> None:
     p, _ = make("a", "b")
     start(p)
     assert p.probe is not None
-    p.on_nack(p.probe.seq)  # no ping-req sent yet: nobody owes us a nack
+    p.on_nack(p.probe.seq, 0.0)  # no ping-req sent yet: nobody owes us a nack
     assert p.ctx.counters["nacks_recv"] == 0 and p.ctx.counters["dropped_stale"] == 1
 
 
@@ -142,7 +142,7 @@ def test_a_relayed_probe_forwards_the_ack_or_nacks_in_time() -> None:
     [(to, msgs)] = sent(p.ctx)
     ping = msgs[0]
     assert to == addr(2) and isinstance(ping, Ping) and ping.target == "b"
-    p.on_ack(ping.seq)
+    p.on_ack(ping.seq, 1.0)
     [(to, msgs)] = sent(p.ctx)
     assert to == addr(1) and msgs[0] == Ack(77)  # the requester's own sequence number
     # a second relay whose target stays silent: a nack before the requester gives up
@@ -207,9 +207,9 @@ def test_awareness_stays_bounded_and_timers_always_move_forward(
         now += dt
         seq_no = p.probe.seq if p.probe is not None else i
         if what == "ack":
-            p.on_ack(seq_no)
+            p.on_ack(seq_no, now)
         elif what == "nack":
-            p.on_nack(seq_no)
+            p.on_nack(seq_no, now)
         elif what == "hint":
             p.hint_unreachable(addr(1 + i % 4), now)
         elif what == "relay":

@@ -238,14 +238,13 @@ class Prober:
             count=node.state in (State.ALIVE, State.SUSPECT),
         )
 
-    def on_ack(self, seq: int, now: float | None = None) -> None:
+    def on_ack(self, seq: int, now: float) -> None:
         ctx = self.ctx
         p = self.probe
         if p is not None and p.seq == seq:
             if not p.acked:
                 p.acked = True
-                if now is not None:
-                    ctx.mark(p.target, "ack", now)
+                ctx.mark(p.target, "ack", now)
                 ctx.counters["acks_recv"] += 1
                 if not p.indirect_sent:
                     ctx.awareness.apply_delta(-1)
@@ -256,12 +255,12 @@ class Prober:
             return
         ctx.counters["dropped_stale"] += 1
 
-    def on_nack(self, seq: int, now: float | None = None) -> None:
+    def on_nack(self, seq: int, now: float) -> None:
         p = self.probe
         if p is not None and p.seq == seq and p.nacks < p.expected_nacks:
             p.nacks += 1
             self.ctx.counters["nacks_recv"] += 1
-            if p.nacks == p.expected_nacks and not p.acked and now is not None:
+            if p.nacks == p.expected_nacks and not p.acked:
                 # every helper failed to reach it too: waiting for the period's end
                 # only delays the suspicion (a late ack still refutes it, buddy system)
                 p.end = min(p.end, now)
