@@ -57,7 +57,8 @@ def test_short_chaos_run_loses_nothing(tmp_path: Path) -> None:
     finally:
         import duravip_lab
 
-        leftover = duravip_lab.Lab(f"bc{proc.pid % 100}")
+        prefix = os.environ.get("CHAOS_LAB_PREFIX", "bc")  # the script's own default
+        leftover = duravip_lab.Lab(f"{prefix}{proc.pid % 100}")
         if leftover.exists():
             leftover.down()
     assert out.strip(), f"no JSON on stdout; stderr:\n{err[-3000:]}"
