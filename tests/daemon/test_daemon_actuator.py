@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from ipaddress import IPv4Address
 
 import trio
@@ -43,12 +44,33 @@ class FakeListeners:
         await trio.sleep(0.01)
         self.log.events.append(("quiesce", (ip, drain_timeout)))
 
+    def gate_syns(self, ip: IPv4Address) -> int:
+        self.log.events.append(("gate", ip))
+        return 1
+
     def close_ip(self, ip: IPv4Address, grace: float) -> None:
         self.log.events.append(("close", (ip, grace)))
 
     async def stop_ip(self, ip: IPv4Address, drain_timeout: float) -> None:
         await trio.sleep(0.01)
         self.log.events.append(("stop", (ip, drain_timeout)))
+
+
+class FakeCapture:
+    def __init__(self, log: Log) -> None:
+        self.log = log
+
+    def start(self) -> None:
+        self.log.events.append(("relay", "start"))
+
+
+class FakeRelay:
+    def __init__(self, log: Log) -> None:
+        self.log = log
+
+    def open(self, ips: Iterable[IPv4Address]) -> FakeCapture:
+        self.log.events.append(("relay", frozenset(ips)))
+        return FakeCapture(self.log)
 
 
 async def test_acquire_binds_freely_then_plumbs_and_drops_ips_it_cannot_serve() -> None:
@@ -71,18 +93,43 @@ async def test_acquire_binds_freely_then_plumbs_and_drops_ips_it_cannot_serve() 
 async def test_release_drains_before_unplumbing_and_closes_the_sockets_only_after() -> None:
     log = Log()
     drain = [2.5]
+
+    @asynccontextmanager
+    async def quiesce(ips: frozenset[IPv4Address]) -> AsyncIterator[None]:
+        log.events.append(("mail-quiesce", ips))
+        yield
+        log.events.append(("mail-resume", ips))
+
     act = NodeActuator(
         ActuatorContext(
-            plumbing=FakePlumbing(log), listeners=FakeListeners(log), drain_timeout=lambda: drain[0]
+            plumbing=FakePlumbing(log),
+            listeners=FakeListeners(log),
+            drain_timeout=lambda: drain[0],
+            relay=FakeRelay(log),
+            quiesce=quiesce,
         )
     )
     with trio.fail_after(5):
         await act.release(frozenset({A, B}))
         drain[0] = 0.5  # a reload changed cluster.drain_timeout
         await act.release(frozenset({C}))
-    # Drain (with the current drain_timeout) while the sockets accept, unplumb, then
-    # close: a SYN between the close and the unplumb would have met a reset.
-    assert sorted(log.events[:2]) == [("quiesce", (A, 2.5)), ("quiesce", (B, 2.5))]
-    assert log.events[2] == ("unplumb", {A, B})
-    assert sorted(log.events[3:5]) == [("close", (A, CLOSE_GRACE)), ("close", (B, CLOSE_GRACE))]
-    assert log.events[5:] == [("quiesce", (C, 0.5)), ("unplumb", {C}), ("close", (C, 0.2))]
+    # Drain (with the current drain_timeout) while the sockets accept; the deliveries
+    # read their last reply; the relay captures before the listeners stop taking SYNs
+    # and reads only after (what queued before, the kernel answered); unplumb; close.
+    # A SYN between the close and the unplumb would have met a reset.
+    ev = log.events
+    assert sorted(ev[:2]) == [("quiesce", (A, 2.5)), ("quiesce", (B, 2.5))]
+    assert ev[2:4] == [("mail-quiesce", {A, B}), ("relay", {A, B})]
+    assert sorted(ev[4:6]) == [("gate", A), ("gate", B)]
+    assert ev[6:9] == [("relay", "start"), ("unplumb", {A, B}), ("mail-resume", {A, B})]
+    assert sorted(ev[9:11]) == [("close", (A, CLOSE_GRACE)), ("close", (B, CLOSE_GRACE))]
+    assert ev[11:] == [
+        ("quiesce", (C, 0.5)),
+        ("mail-quiesce", {C}),
+        ("relay", {C}),
+        ("gate", C),
+        ("relay", "start"),
+        ("unplumb", {C}),
+        ("mail-resume", {C}),
+        ("close", (C, 0.2)),
+    ]

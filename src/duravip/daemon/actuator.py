@@ -3,27 +3,36 @@
 Acquire: start the IP's listeners (freebound: the address is not there yet),
 then plumb and GARP, so no SYN ever meets the address without a socket.
 Release: drain the sessions while the listening sockets still accept (new
-clients get a banner and ``421``), unplumb, then close the sockets: a client
-never meets a plumbed IP with nobody behind it (no reset).
+clients get a banner and ``421``), let the deliveries from the IPs read their
+last reply, gate the listeners (new SYNs dropped silently and handed to the
+:mod:`~duravip.plumbing.relay`, which passes them on to the new holder once it
+announces itself), unplumb, then close the sockets: a client never meets a
+plumbed IP with nobody behind it (no reset), and a SYN that arrives in the
+break-before-make gap is delayed, not lost.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
 import trio
-from attrs import frozen
+from attrs import field, frozen
 
 from duravip.ipaddr import IPAddress, ip_key
+from duravip.plumbing.relay import NoRelay
 
 log = logging.getLogger("duravip.actuator")
 
 #: After the unplumb: how long sessions accepted in the last moment get to read
 #: their banner and ``421`` before the sockets close (the drain came before).
 CLOSE_GRACE = 0.2
+#: After gating the listeners, before the unplumb: handshakes the kernel answered
+#: just before the gate complete and their sessions write the banner.
+GATE_GRACE = 0.02
 
 
 class Plumbing(Protocol):
@@ -37,9 +46,24 @@ class Listeners(Protocol):
 
     async def quiesce_ip(self, ip: IPAddress, drain_timeout: float) -> None: ...
 
+    def gate_syns(self, ip: IPAddress) -> int: ...
+
     def close_ip(self, ip: IPAddress, grace: float) -> None: ...
 
     async def stop_ip(self, ip: IPAddress, drain_timeout: float) -> None: ...
+
+
+class Capture(Protocol):
+    def start(self) -> None: ...
+
+
+class Relay(Protocol):
+    def open(self, ips: Iterable[IPAddress]) -> Capture: ...
+
+
+@asynccontextmanager
+async def _no_quiesce(ips: frozenset[IPAddress]) -> AsyncIterator[None]:
+    yield
 
 
 @frozen
@@ -50,6 +74,10 @@ class ActuatorContext:
     listeners: Listeners
     #: Read at each release: a reload may change ``cluster.drain_timeout``.
     drain_timeout: Callable[[], float]
+    #: The handover relay (none: SYNs in the gap are lost, as with the in-memory plumber).
+    relay: Relay = field(factory=NoRelay)
+    #: Held around the unplumb: the deliveries from the IPs read their last reply first.
+    quiesce: Callable[[frozenset[IPAddress]], AbstractAsyncContextManager[None]] = _no_quiesce
 
 
 class NodeActuator:
@@ -84,18 +112,26 @@ class NodeActuator:
         return frozenset(got)
 
     async def release(self, ips: frozenset[IPAddress]) -> None:
-        """Drain sessions (sockets still accepting), unplumb, then close the sockets.
+        """Drain, quiesce the deliveries, gate and relay SYNs, unplumb, close the sockets.
 
         Closing before the unplumb would reset every SYN that arrives in
         between; after it, clients' SYNs no longer reach this host's sockets
-        once the new holder's gratuitous ARP is in.
+        once the new holder's gratuitous ARP is in, and the relay hands on
+        those that come before.
         """
-        drain = self.ctx.drain_timeout()
-        listeners = self.ctx.listeners
+        ctx = self.ctx
+        drain = ctx.drain_timeout()
+        listeners = ctx.listeners
         async with trio.open_nursery() as n:
             for ip in ips:
                 n.start_soon(listeners.quiesce_ip, ip, drain)
-        await self.ctx.plumbing.remove(ips)
+        async with ctx.quiesce(ips):
+            capture = ctx.relay.open(ips)
+            for ip in ips:
+                listeners.gate_syns(ip)
+            capture.start()
+            await trio.sleep(GATE_GRACE)
+            await ctx.plumbing.remove(ips)
         for ip in ips:
             # Not awaited: the new holder waits for our announcement, not for our sessions.
             listeners.close_ip(ip, min(drain, CLOSE_GRACE))

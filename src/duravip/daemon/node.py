@@ -64,8 +64,8 @@ from duravip.election.picture import (
 from duravip.election.quorum import LIVE_STATES
 from duravip.election.resolver import serve as serve_resolver
 from duravip.ipaddr import IPAddress
-from duravip.mail.outbound import QuiescingPlumbing
 from duravip.mail.service import serve as serve_mail
+from duravip.plumbing import relay as handover_relay
 from duravip.plumbing.base import Plumber
 from duravip.plumbing.netlink import open_netlink_plumber
 from duravip.plumbing.worker import PlumbingWorker
@@ -192,8 +192,6 @@ class Node:
                     )
                 )
                 nursery.start_soon(self._unplumb_on_exit, plumbing)
-                # The plumbing worker keeps no counters yet (the family renders empty).
-                self.telemetry.add_plumbing(dict)
                 mail = await nursery.start(
                     partial(
                         serve_mail,
@@ -237,12 +235,19 @@ class Node:
                     registry, cluster_cmds.ClusterContext(self.state, membership.snapshot)
                 )
                 await self._sync(membership)
+                # Packet sockets: only with the kernel plumber (else NoRelay).
+                relay = await handover_relay.start(
+                    nursery, plumber, lambda: self.config.cluster.topology
+                )
+                self.telemetry.add_plumbing(lambda: relay.counters)
                 actuator = NodeActuator(
                     ActuatorContext(
-                        # Deliveries from an IP read their last reply before it leaves.
-                        plumbing=QuiescingPlumbing(plumbing, mail.quiesce_ips),
+                        plumbing=plumbing,
                         listeners=listeners,
                         drain_timeout=lambda: self.config.cluster.drain_timeout,
+                        relay=relay,
+                        # Deliveries from an IP read their last reply before it leaves.
+                        quiesce=mail.quiesce_ips,
                     )
                 )
                 resolver = await nursery.start(

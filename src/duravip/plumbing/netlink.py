@@ -51,6 +51,11 @@ class NetlinkPlumber:
         #: Bumped whenever the iflist cache changes (stays 0 without the cache).
         self.changed = trio_util.AsyncValue(0)
 
+    @property
+    def netns(self) -> str | None:
+        """The namespace this plumber works in (None: where the process stands)."""
+        return self._netns
+
     async def refresh_links(self) -> dict[str, rtnl.LinkInfo]:
         links = rtnl.parse_links(await self._nl.dump(rtnl.RTM_GETLINK))
         self._links = {link.name: link for link in links}

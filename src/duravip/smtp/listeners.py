@@ -25,19 +25,25 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 from collections.abc import Callable
 from ipaddress import ip_address
 
 import attrs
 import trio
 
+from duravip import bpf
 from duravip.config import Config, Listener
 from duravip.ipaddr import IPAddress
 from duravip.smtp.driver import handle_connection
 from duravip.smtp.server import ServerSettings, too_many_connections
 from duravip.smtp.settings import session_limits
-from duravip.smtp.sockets import BACKLOG, Addr, drain_backlog, open_listening_socket
+from duravip.smtp.sockets import (
+    BACKLOG,
+    Addr,
+    CapacityLog,
+    drain_backlog,
+    open_listening_socket,
+)
 from duravip.smtp.tls import TlsTable, settings_by_mode
 from duravip.smtp.types import MessageSink
 
@@ -58,8 +64,7 @@ log = logging.getLogger("duravip.smtp.listeners")
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 #: The pause after such an error (trio's SLEEP_TIME): the loop neither spins nor stalls.
 ACCEPT_RETRY_DELAY = 0.1
-#: At most one log line per this many seconds about capacity errors, over all
-#: listeners (10,240 DuraVIP listeners out of fds at once must not flood the log).
+#: At most one capacity-error log line per this many seconds (see CapacityLog).
 ACCEPT_LOG_INTERVAL = 10.0
 #: How often :meth:`ListenerManager.quiesce_ip` looks whether the sessions are gone.
 QUIESCE_POLL = 0.005
@@ -117,9 +122,7 @@ class ListenerManager:
         self._ips: set[IPAddress] = set()
         #: Sessions per client IP (entries removed at zero: bounded by max_sessions).
         self._per_ip: dict[str, int] = {}
-        #: Rate limit of the capacity-error log: when it may log next, and what it skipped.
-        self._next_log_at = float("-inf")
-        self._errors_not_logged = 0
+        self._capacity_log = CapacityLog(ACCEPT_LOG_INTERVAL, ACCEPT_RETRY_DELAY)
         self.counters: dict[str, int] = {
             "sessions": 0,
             "sessions_active": 0,
@@ -180,6 +183,24 @@ class ListenerManager:
             for running in mine:
                 while running.sessions is not None and running.sessions.child_tasks:
                     await trio.sleep(QUIESCE_POLL)
+
+    def gate_syns(self, ip: IPAddress) -> int:
+        """From now on ``ip``'s listening sockets drop new SYNs silently (``bpf.SYN_GATE``):
+        the last step before a planned unplumb. A connection accepted later could not
+        get its banner out (the address goes), so its SYN is the handover relay's;
+        handshakes already answered still complete. Returns the sockets gated."""
+        gated = 0
+        for addr in self._vip_index.get(ip, ()):
+            running = self._running.get(addr)
+            if running is None:
+                continue
+            try:
+                bpf.attach(running.listener.socket, bpf.SYN_GATE)
+            except OSError as exc:
+                log.warning("cannot gate SYNs on %s:%d: %s", *addr, exc)
+                continue
+            gated += 1
+        return gated
 
     def close_ip(self, ip: IPAddress, grace: float) -> None:
         """After the unplumb: close ``ip``'s sockets now; open sessions get ``grace`` in the
@@ -317,31 +338,13 @@ class ListenerManager:
                 # Out of fds or memory: nothing may be allocated here (no dup, no
                 # task); wait for sessions to end and free some, then retry.
                 self.counters["accept_capacity_errors"] += 1
-                self._log_capacity(running, exc)
+                self._capacity_log.error(running.addr, exc)
                 await trio.sleep(ACCEPT_RETRY_DELAY)
                 continue
             except trio.ClosedResourceError as exc:
                 log.error("accept failed on %s:%d; listener stops: %r", *running.addr, exc)
                 return False
             await self._admit(stream, running, sessions)
-
-    def _log_capacity(self, running: _Running, exc: OSError) -> None:
-        now = trio.current_time()
-        if now < self._next_log_at:
-            self._errors_not_logged += 1
-            return
-        self._next_log_at = now + ACCEPT_LOG_INTERVAL
-        skipped, self._errors_not_logged = self._errors_not_logged, 0
-        log.error(
-            "accept on %s:%d returned %s (%s); pausing %.0f ms and retrying "
-            "(%d such errors not logged since the last line; at most one line per %.0f s)",
-            *running.addr,
-            errno.errorcode.get(exc.errno or 0, str(exc.errno)),
-            os.strerror(exc.errno or 0),
-            ACCEPT_RETRY_DELAY * 1000,
-            skipped,
-            ACCEPT_LOG_INTERVAL,
-        )
 
     def _failed(self, running: _Running) -> None:
         """The listener stopped for good: drain its sessions as a stop would, and report.

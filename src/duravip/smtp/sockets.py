@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 from collections.abc import Callable
 
@@ -49,6 +50,34 @@ async def open_listening_socket(addr: Addr, *, freebind: bool = False) -> trio.s
             log.warning("%s is not on this host (not plumbed?)", addr[0])
         raise
     return sock
+
+
+class CapacityLog:
+    """At most one log line per ``interval`` about accept capacity errors, over all listeners
+    (10,240 DuraVIP listeners out of fds at once must not flood the log)."""
+
+    def __init__(self, interval: float, pause: float) -> None:
+        self.interval, self.pause = interval, pause
+        self._next_at = float("-inf")
+        self._skipped = 0
+
+    def error(self, addr: Addr, exc: OSError) -> None:
+        now = trio.current_time()
+        if now < self._next_at:
+            self._skipped += 1
+            return
+        self._next_at = now + self.interval
+        skipped, self._skipped = self._skipped, 0
+        log.error(
+            "accept on %s:%d returned %s (%s); pausing %.0f ms and retrying "
+            "(%d such errors not logged since the last line; at most one line per %.0f s)",
+            *addr,
+            errno.errorcode.get(exc.errno or 0, str(exc.errno)),
+            os.strerror(exc.errno or 0),
+            self.pause * 1000,
+            skipped,
+            self.interval,
+        )
 
 
 def drain_backlog(
