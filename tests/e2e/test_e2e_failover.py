@@ -138,20 +138,25 @@ def test_crash_failover_then_failback_without_double_holders(healthy: Any) -> No
         wait_converged(lab, VIPS, timeout=20, expect=PREFERRED)
         prober.join()
     assert sampler.double_holder_samples() == []
-    # Break-before-make leaves a gap of 10-40 ms between the old holder's unplumb
-    # and the new one's GARP; a probe whose SYN lands in it times out (a real
-    # client retransmits after 1 s and gets through). A long gap is a bug.
+    # Break-before-make leaves a 10-40 ms gap between the old holder's unplumb and
+    # the new one's GARP; the old holder's handover relay hands the SYNs that land
+    # in it to the new holder, so not one probe (300 ms timeout) fails.
     failed = [(r["t"], r["error"]) for r in prober.records if not r["ok"]]
-    assert len(failed) <= 4, failed
-    assert prober.longest_gap_ms() <= 150, failed
+    assert failed == []
+    assert {r["node"] for r in prober.records[-10:]} == {"n2"}
 
 
-def test_graceful_stop_never_two_holders(healthy: Any) -> None:
+def test_graceful_stop_never_two_holders_and_no_lost_syn(healthy: Any) -> None:
     lab = healthy
     with HolderSampler(lab) as sampler:
+        prober = Prober(lab, "10.1.1.3", seconds=2.0).start()
         assert lab.stop("n3")
         held = wait_converged(lab, VIPS, timeout=10, nodes=["n1", "n2"])
         assert held["10.1.1.3"] in ("n1", "n2")
+        prober.join()
+        failed = [(r["t"], r["error"]) for r in prober.records if not r["ok"]]
+        assert failed == []
+        assert prober.records[-1]["node"] == held["10.1.1.3"]
         lab.start("n3")
         wait_converged(lab, VIPS, timeout=20, expect=PREFERRED)
     assert sampler.double_holder_samples() == []
